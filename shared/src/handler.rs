@@ -1,0 +1,185 @@
+//! What a function author writes against: a plain `async fn(input, &Context) -> Result<O, HandlerError>`.
+
+use std::{
+    fmt,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::Headers;
+
+/// How the runtime should treat a failure. The retry path reads this, never the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Worth retrying with backoff (timeouts, 5xx, connection resets).
+    Transient,
+    /// Retrying cannot help (validation, business rejection): dead-letter at once.
+    Permanent,
+    /// The handler knows when to come back (a 429 with `Retry-After`).
+    RetryAfter(Duration),
+}
+
+/// A handler failure with its class.
+#[derive(Debug, Clone)]
+pub struct HandlerError {
+    /// The class.
+    pub kind: ErrorKind,
+    /// What went wrong, for logs and the dead-letter history.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn transient(message: impl fmt::Display) -> Self {
+        Self {
+            kind: ErrorKind::Transient,
+            message: message.to_string(),
+        }
+    }
+
+    /// A failure that retrying cannot fix.
+    pub fn permanent(message: impl fmt::Display) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            message: message.to_string(),
+        }
+    }
+
+    /// Come back after `delay`.
+    pub fn retry_after(delay: Duration, message: impl fmt::Display) -> Self {
+        Self {
+            kind: ErrorKind::RetryAfter(delay),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::Transient => write!(f, "transient: {}", self.message),
+            ErrorKind::Permanent => write!(f, "permanent: {}", self.message),
+            ErrorKind::RetryAfter(d) => write!(f, "retry after {d:?}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+/// What a handler knows about the message it is working on, and the function's shared state
+/// (clients built once at start-up, borrowed by every call).
+pub struct Context<S = ()> {
+    pub(crate) message_id: String,
+    pub(crate) attempt: u32,
+    pub(crate) headers: Headers,
+    pub(crate) deadline: Instant,
+    pub(crate) idempotency_key: String,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) state: Arc<S>,
+}
+
+impl<S> Context<S> {
+    /// Transport id of the message.
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+
+    /// Delivery number, 1 on the first delivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Producer headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// One header by (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// When the handler timeout fires.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The idempotency key of this message; pass it to downstreams that accept one.
+    pub fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
+
+    /// Fires when the lease is lost or shutdown is past its grace period: stop and return.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// Whether [`Context::cancelled`] has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The function's shared state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+}
+
+impl Context<()> {
+    /// A context for calling a handler directly (unit tests of a function, `invoke`).
+    pub fn for_test(message_id: &str) -> Self {
+        Self::detached(message_id, Arc::new(()))
+    }
+}
+
+impl<S> Context<S> {
+    /// A context outside any queue, with the given state.
+    pub fn detached(message_id: &str, state: Arc<S>) -> Self {
+        Context {
+            message_id: message_id.to_owned(),
+            attempt: 1,
+            headers: Headers::new(),
+            deadline: Instant::now() + Duration::from_secs(60),
+            idempotency_key: message_id.to_owned(),
+            cancel: CancellationToken::new(),
+            state,
+        }
+    }
+}
+
+/// A handler: implemented for every `async fn(T, &Context<S>) -> Result<O, HandlerError>`.
+///
+/// The lifetime parameter lets the returned future borrow the context, so handlers are
+/// plain `async fn`s; the `Send` bound lets the runtime run messages on all cores.
+pub trait Handler<'a, T, S>: Send + Sync + 'static {
+    /// The output, stored by the idempotency record and replayed for duplicates.
+    type Output: Serialize + Send + 'static;
+    /// The future the call returns.
+    type Future: Future<Output = Result<Self::Output, HandlerError>> + Send + 'a;
+    /// Calls the handler.
+    fn call(&self, input: T, ctx: &'a Context<S>) -> Self::Future;
+}
+
+impl<'a, T, S, O, F, Fut> Handler<'a, T, S> for F
+where
+    F: Fn(T, &'a Context<S>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, HandlerError>> + Send + 'a,
+    O: Serialize + Send + 'static,
+    S: 'a,
+{
+    type Output = O;
+    type Future = Fut;
+
+    fn call(&self, input: T, ctx: &'a Context<S>) -> Fut {
+        self(input, ctx)
+    }
+}

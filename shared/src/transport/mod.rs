@@ -1,0 +1,166 @@
+//! The transport contract (DESIGN.md table) and the run-time choice between adapters.
+//!
+//! Payloads are bytes plus headers; every adapter passes `conformance::transport`.
+//! An adapter that cannot do an operation returns [`Error::Invalid`] saying so: never a no-op.
+
+#[cfg(feature = "embedded")]
+pub mod embedded;
+
+use std::{future::Future, time::Duration};
+
+use crate::{
+    config::{Settings, TransportKind},
+    error::{Error, Result},
+    message::{DeadLetter, Delivery, Failure, OutgoingMessage, QueueStats, RedriveFilter},
+};
+
+/// What every adapter is built from.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// The work queue.
+    pub queue: String,
+    /// The function (recorded in dead-letter history).
+    pub function: String,
+    /// Where: a file path, an `amqp://` URL, a queue URL.
+    pub url: String,
+    /// Lease (visibility timeout) of a received message.
+    pub lease: Duration,
+    /// Crash-loop guard: a message delivered this many times without being settled is
+    /// dead-lettered by the transport itself.
+    pub max_deliveries: u32,
+    /// Embedded: idle poll interval.
+    pub poll_interval: Duration,
+}
+
+impl TransportOptions {
+    /// Options from the function settings.
+    pub fn from_settings(function: &str, s: &Settings) -> Self {
+        Self {
+            queue: s.queue.clone(),
+            function: function.to_owned(),
+            url: s.transport.url.clone(),
+            lease: s.transport.lease,
+            max_deliveries: s.retry.max_deliveries,
+            poll_interval: s.transport.poll_interval,
+        }
+    }
+}
+
+/// The broker operations the pipeline and the CLI need.
+pub trait Transport: Send + Sync + 'static {
+    /// Declares queues/tables (idempotent).
+    fn provision(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Publishes messages; returns their ids once they are durably stored.
+    fn publish(
+        &self,
+        msgs: Vec<OutgoingMessage>,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Leases up to `max` messages, waiting up to `wait` for the first.
+    fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+    /// Done: remove the message. Fails with `LeaseLost` if the lease is no longer ours.
+    fn ack(&self, d: &Delivery) -> impl Future<Output = Result<()>> + Send;
+    /// Deliver again after `delay`, recording the failure.
+    fn retry_after(
+        &self,
+        d: &Delivery,
+        delay: Duration,
+        failure: &Failure,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Move to the dead-letter queue with the failure history, body intact.
+    fn dead_letter(
+        &self,
+        d: &Delivery,
+        failure: &Failure,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Keep the lease for `lease` more from now.
+    fn extend(&self, d: &Delivery, lease: Duration) -> impl Future<Output = Result<()>> + Send;
+    /// Return the message to the queue now (shutdown); the delivery still counts.
+    fn release(&self, d: &Delivery) -> impl Future<Output = Result<()>> + Send;
+    /// Queue depths.
+    fn stats(&self) -> impl Future<Output = Result<QueueStats>> + Send;
+    /// Peek at dead letters, oldest first, without consuming them.
+    fn dlq_list(&self, limit: usize) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+    /// One dead letter by message id.
+    fn dlq_get(&self, id: &str) -> impl Future<Output = Result<Option<DeadLetter>>> + Send;
+    /// Move dead letters back to the work queue, attempts reset; returns what moved (or
+    /// would move, on a dry run).
+    fn redrive(
+        &self,
+        filter: &RedriveFilter,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+}
+
+/// The adapter chosen at run time from `transport.kind`.
+pub enum AnyTransport {
+    /// The embedded SQLite queue.
+    #[cfg(feature = "embedded")]
+    Embedded(embedded::EmbeddedTransport),
+}
+
+impl AnyTransport {
+    /// Opens the adapter named by the settings.
+    pub async fn open(function: &str, settings: &Settings) -> Result<Self> {
+        let opts = TransportOptions::from_settings(function, settings);
+        match settings.transport.kind {
+            #[cfg(feature = "embedded")]
+            TransportKind::Embedded => Ok(AnyTransport::Embedded(
+                embedded::EmbeddedTransport::open(opts).await?,
+            )),
+            other => Err(Error::Config(format!(
+                "key `transport.kind`: {other:?} is not built into this binary (enable the cargo feature of sluice)"
+            ))),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $t:ident => $e:expr) => {
+        match $self {
+            #[cfg(feature = "embedded")]
+            AnyTransport::Embedded($t) => $e,
+        }
+    };
+}
+
+impl Transport for AnyTransport {
+    async fn provision(&self) -> Result<()> {
+        delegate!(self, t => t.provision().await)
+    }
+    async fn publish(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<String>> {
+        delegate!(self, t => t.publish(msgs).await)
+    }
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        delegate!(self, t => t.receive(max, wait).await)
+    }
+    async fn ack(&self, d: &Delivery) -> Result<()> {
+        delegate!(self, t => t.ack(d).await)
+    }
+    async fn retry_after(&self, d: &Delivery, delay: Duration, failure: &Failure) -> Result<()> {
+        delegate!(self, t => t.retry_after(d, delay, failure).await)
+    }
+    async fn dead_letter(&self, d: &Delivery, failure: &Failure) -> Result<()> {
+        delegate!(self, t => t.dead_letter(d, failure).await)
+    }
+    async fn extend(&self, d: &Delivery, lease: Duration) -> Result<()> {
+        delegate!(self, t => t.extend(d, lease).await)
+    }
+    async fn release(&self, d: &Delivery) -> Result<()> {
+        delegate!(self, t => t.release(d).await)
+    }
+    async fn stats(&self) -> Result<QueueStats> {
+        delegate!(self, t => t.stats().await)
+    }
+    async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        delegate!(self, t => t.dlq_list(limit).await)
+    }
+    async fn dlq_get(&self, id: &str) -> Result<Option<DeadLetter>> {
+        delegate!(self, t => t.dlq_get(id).await)
+    }
+    async fn redrive(&self, filter: &RedriveFilter) -> Result<Vec<DeadLetter>> {
+        delegate!(self, t => t.redrive(filter).await)
+    }
+}

@@ -1,0 +1,694 @@
+//! The worker: an intake loop and one pipeline per message, read top to bottom.
+//!
+//! receive (lease) -> decode + validate -> idempotency claim -> circuit breaker -> handler
+//! (timeout, short immediate retries, panics caught) -> classify -> complete or release the
+//! record -> settle on the broker -> metrics and span. The record is completed before the
+//! ack: a crash between the two redelivers a message whose record says completed, and the
+//! handler is not run again.
+
+use std::{
+    marker::PhantomData,
+    panic::AssertUnwindSafe,
+    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::FutureExt;
+use rand::Rng;
+use serde::de::DeserializeOwned;
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{field::Empty, Instrument};
+
+use crate::{
+    breaker::{Admission, BreakerState, CircuitBreaker},
+    config::Settings,
+    error::{Error, Result},
+    handler::{Context, ErrorKind, Handler, HandlerError},
+    message::{header, Delivery, Failure, FailureClass},
+    ratelimit::RateLimiter,
+    retry::RetryPolicy,
+    store::{fingerprint, AnyStore, Claim, IdempotencyStore, Token},
+    telemetry::{inc, Metrics, RunSummary},
+    transport::{AnyTransport, Transport},
+};
+
+/// Most messages asked for in one receive call.
+const RECEIVE_BATCH: usize = 10;
+
+/// After shutdown grace, how long a cancelled handler may take to return before its message
+/// is put back regardless.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// Derives the idempotency key from a decoded input.
+pub type KeyFn<T> = Arc<dyn Fn(&T) -> String + Send + Sync>;
+
+/// Everything a worker needs, built once at start-up.
+pub struct Runtime<T, S, H> {
+    pub(crate) function: String,
+    pub(crate) settings: Settings,
+    pub(crate) transport: AnyTransport,
+    pub(crate) store: Option<AnyStore>,
+    pub(crate) handler: H,
+    pub(crate) state: Arc<S>,
+    pub(crate) key_fn: Option<KeyFn<T>>,
+    pub(crate) schema_versions: Vec<String>,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) limiter: Option<RateLimiter>,
+    /// Counters of this process.
+    pub metrics: Metrics,
+    pub(crate) _input: PhantomData<fn() -> T>,
+}
+
+/// What the pipeline decided for one delivery.
+#[derive(Debug)]
+enum Verdict {
+    /// Done (or a duplicate of something done): remove it.
+    Ack { duplicate: bool },
+    /// Deliver again later.
+    Retry { delay: Duration, failure: Failure },
+    /// Give up on it, with the reason; `label` groups reasons in metrics.
+    DeadLetter { failure: Failure, label: String },
+    /// Shutdown past grace: put it back now.
+    Release,
+    /// Our lease is gone; the message belongs to another consumer now.
+    Abandon,
+}
+
+/// The idempotency claim held while the handler runs (shared with the lease keeper).
+type HeldClaim = Mutex<Option<(String, Token)>>;
+
+/// Options of one `run`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Exit once the queue is empty and nothing is in flight.
+    pub drain: bool,
+}
+
+impl<T, S, H> Runtime<T, S, H>
+where
+    T: DeserializeOwned + Send + 'static,
+    S: Send + Sync + 'static,
+    H: for<'a> Handler<'a, T, S>,
+{
+    /// The transport (for the CLI's queue commands).
+    pub fn transport(&self) -> &AnyTransport {
+        &self.transport
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Runs the handler once on a body, with no queue and no store (the `invoke` command).
+    pub async fn invoke(&self, body: &[u8]) -> std::result::Result<Vec<u8>, HandlerError> {
+        let d = Delivery {
+            id: uuid::Uuid::new_v4().to_string(),
+            body: body.to_vec(),
+            headers: Default::default(),
+            attempt: 1,
+            enqueued_at: std::time::SystemTime::now(),
+            first_failure_at: None,
+            receipt: String::new(),
+        };
+        let input = self
+            .decode(&d)
+            .map_err(|(_, reason)| HandlerError::permanent(reason))?;
+        let key = match &self.key_fn {
+            Some(f) => f(&input),
+            None => d.id.clone(),
+        };
+        self.call_handler(&d, input, &key, &CancellationToken::new())
+            .await
+    }
+
+    /// Runs the intake loop until `shutdown` fires (or, with `drain`, the queue is empty),
+    /// then lets in-flight messages finish within the grace period and returns the rest.
+    pub async fn run(
+        self: &Arc<Self>,
+        opts: RunOptions,
+        shutdown: CancellationToken,
+    ) -> Result<RunSummary> {
+        let concurrency = self.settings.worker.concurrency;
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let hard_stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tracing::info!(
+            function = %self.function,
+            queue = %self.settings.queue,
+            transport = ?self.settings.transport.kind,
+            store = ?self.settings.store.kind,
+            concurrency,
+            "worker started"
+        );
+        let mut transport_errors = 0u32;
+        while !shutdown.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            // A breaker that is open takes nothing new; half-open takes one probe message.
+            let batch = match self.breaker.state() {
+                BreakerState::Open => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+                BreakerState::HalfOpen => 1,
+                BreakerState::Closed if self.limiter.is_some() => 1,
+                BreakerState::Closed => RECEIVE_BATCH,
+            };
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < batch {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            if let Some(limiter) = &self.limiter {
+                tokio::select! {
+                    _ = limiter.take() => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            let got = match self
+                .transport
+                .receive(permits.len(), self.settings.transport.wait)
+                .await
+            {
+                Ok(got) => {
+                    transport_errors = 0;
+                    got
+                }
+                Err(e) => {
+                    transport_errors += 1;
+                    let wait = self.policy.delayed_retry_envelope(transport_errors);
+                    tracing::error!(error = %e, retry_in = ?wait, "receive failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            };
+            if got.is_empty() {
+                drop(permits);
+                if opts.drain && tasks.is_empty() && self.transport.stats().await?.is_drained() {
+                    tracing::info!("queue drained");
+                    break;
+                }
+                continue;
+            }
+            for d in got {
+                let permit = permits.pop().expect("one permit per message");
+                let rt = self.clone();
+                let hard_stop = hard_stop.clone();
+                tasks.spawn(async move {
+                    rt.process(d, &hard_stop).await;
+                    drop(permit);
+                });
+            }
+        }
+        let in_flight = tasks.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, grace = ?self.settings.worker.shutdown_grace, "intake stopped; letting in-flight messages finish");
+        }
+        let finished = tokio::time::timeout(self.settings.worker.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                remaining = tasks.len(),
+                "shutdown grace over: cancelling handlers and returning their messages to the queue"
+            );
+            hard_stop.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        let summary = self.metrics.summary();
+        tracing::info!(?summary, "worker stopped");
+        Ok(summary)
+    }
+
+    /// The pipeline for one delivery, in its own span.
+    pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken) {
+        let span = tracing::info_span!(
+            "message",
+            function = %self.function,
+            queue = %self.settings.queue,
+            message_id = %d.id,
+            attempt = d.attempt,
+            idempotency_key = Empty,
+            outcome = Empty,
+        );
+        async {
+            let started = Instant::now();
+            inc(&self.metrics.received);
+            self.metrics.in_flight.fetch_add(1, Relaxed);
+            let held: HeldClaim = Mutex::new(None);
+            let cancel = CancellationToken::new();
+            let decide = self.decide(&d, &held, &cancel);
+            tokio::pin!(decide);
+            let verdict = tokio::select! {
+                v = &mut decide => v,
+                v = self.keep_lease(&d, &held, &cancel) => v,
+                _ = hard_stop.cancelled() => {
+                    // Shutdown is past grace: tell the handler, give it a moment to return,
+                    // then put the message back.
+                    cancel.cancel();
+                    match tokio::time::timeout(CANCEL_GRACE, &mut decide).await {
+                        Ok(Verdict::Abandon) | Err(_) => Verdict::Release,
+                        Ok(v) => v,
+                    }
+                }
+            };
+            if matches!(verdict, Verdict::Release) {
+                self.release_claim(&held).await;
+            }
+            self.settle(&d, verdict).await;
+            self.metrics.in_flight.fetch_sub(1, Relaxed);
+            self.metrics.observe(started.elapsed());
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Decides what happens to the message. Does not touch the broker.
+    async fn decide(&self, d: &Delivery, held: &HeldClaim, cancel: &CancellationToken) -> Verdict {
+        // 1. Decode and validate: bad input is permanent and keeps its bytes.
+        let input = match self.decode(d) {
+            Ok(input) => input,
+            Err((label, reason)) => return dead_letter(FailureClass::Permanent, label, reason),
+        };
+
+        // 2. Idempotency key: header, else derived from the payload, else the message id.
+        let key =
+            match d.headers.get(header::IDEMPOTENCY_KEY) {
+                Some(k) => k.clone(),
+                None => match &self.key_fn {
+                    Some(f) => f(&input),
+                    None if self.settings.limits.require_idempotency_key => return dead_letter(
+                        FailureClass::Permanent,
+                        "missing idempotency key",
+                        "the idempotency-key header is required (limits.require_idempotency_key)",
+                    ),
+                    None => d.id.clone(),
+                },
+            };
+        tracing::Span::current().record("idempotency_key", key.as_str());
+
+        // 3. Claim the record.
+        if let Some(store) = &self.store {
+            let lease = self.settings.transport.lease;
+            match store.claim(&key, &fingerprint(&d.body), lease).await {
+                Ok(Claim::Acquired(token)) => {
+                    *held.lock().expect("claim lock") = Some((key.clone(), token));
+                }
+                Ok(Claim::Completed(_)) => return Verdict::Ack { duplicate: true },
+                Ok(Claim::InProgress(remaining)) => {
+                    return self.retry_or_give_up(
+                        d,
+                        remaining.max(Duration::from_millis(100)),
+                        "another delivery of this key is in progress".into(),
+                    )
+                }
+                Ok(Claim::FingerprintMismatch) => {
+                    return dead_letter(
+                        FailureClass::Permanent,
+                        "idempotency key reused",
+                        format!(
+                            "idempotency key {key:?} was already used with a different payload"
+                        ),
+                    )
+                }
+                Err(e) if self.settings.store.fail_open => {
+                    tracing::warn!(error = %e, "idempotency store unavailable; running UNCLAIMED (store.fail_open = true)");
+                }
+                Err(e) => {
+                    // Fail closed: the handler never runs unclaimed.
+                    let delay = self.policy.delayed_retry(d.attempt);
+                    return self.retry_or_give_up(
+                        d,
+                        delay,
+                        format!("idempotency store unavailable: {e}"),
+                    );
+                }
+            }
+        }
+
+        // 4. Circuit breaker: a message held while the breaker is open waits here, its lease
+        //    kept alive by the lease keeper, until a probe has closed the breaker again.
+        let mut probe = false;
+        loop {
+            match self.breaker.admit() {
+                Admission::Allow => break,
+                Admission::Probe => {
+                    probe = true;
+                    break;
+                }
+                Admission::Wait(w) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(w.min(Duration::from_millis(250))) => {}
+                        _ = cancel.cancelled() => {
+                            self.release_claim(held).await;
+                            return Verdict::Abandon;
+                        }
+                    }
+                }
+            }
+        }
+
+        // 5. The handler, with timeout, immediate retries and panics caught.
+        let result = self.call_handler(d, input, &key, cancel).await;
+        if cancel.is_cancelled() && result.is_err() {
+            self.release_claim(held).await;
+            if probe {
+                self.breaker.probe_abandoned();
+            }
+            return Verdict::Abandon;
+        }
+
+        // 6. Classify, and record the outcome before settling on the broker.
+        match result {
+            Ok(output) => {
+                self.breaker.on_success();
+                let claim = held.lock().expect("claim lock").take();
+                if let (Some(store), Some((key, token))) = (&self.store, claim) {
+                    if let Err(e) = store
+                        .complete(&key, token, &output, self.settings.store.ttl)
+                        .await
+                    {
+                        // The effect happened; acking is right. A duplicate arriving later may
+                        // run again, which the downstream's idempotency key must absorb.
+                        tracing::error!(error = %e, "could not complete the idempotency record");
+                    }
+                }
+                Verdict::Ack { duplicate: false }
+            }
+            Err(e) => {
+                match e.kind {
+                    ErrorKind::Permanent => self.breaker.on_success(),
+                    _ => self.breaker.on_failure(),
+                }
+                self.release_claim(held).await;
+                match e.kind {
+                    ErrorKind::Permanent => {
+                        dead_letter(FailureClass::Permanent, "handler: permanent", e.message)
+                    }
+                    ErrorKind::Transient => {
+                        self.retry_or_give_up(d, self.policy.delayed_retry(d.attempt), e.message)
+                    }
+                    ErrorKind::RetryAfter(delay) => self.retry_or_give_up(d, delay, e.message),
+                }
+            }
+        }
+    }
+
+    /// A delayed retry, or the dead-letter queue once the deliveries are used up.
+    fn retry_or_give_up(&self, d: &Delivery, delay: Duration, reason: String) -> Verdict {
+        if d.attempt >= self.policy.max_deliveries() {
+            let reason = format!("gave up after {} deliveries: {reason}", d.attempt);
+            return dead_letter(FailureClass::Transient, "retries exhausted", reason);
+        }
+        Verdict::Retry {
+            delay,
+            failure: Failure::now(FailureClass::Transient, reason),
+        }
+    }
+
+    /// Decodes and validates; on failure returns (label, reason).
+    fn decode(&self, d: &Delivery) -> std::result::Result<T, (&'static str, String)> {
+        let limits = &self.settings.limits;
+        if d.body.len() > limits.max_body_bytes {
+            return Err((
+                "oversized body",
+                format!(
+                    "body is {} bytes, limit {} (limits.max_body_bytes)",
+                    d.body.len(),
+                    limits.max_body_bytes
+                ),
+            ));
+        }
+        if d.headers.len() > limits.max_headers {
+            return Err((
+                "too many headers",
+                format!(
+                    "{} headers, limit {} (limits.max_headers)",
+                    d.headers.len(),
+                    limits.max_headers
+                ),
+            ));
+        }
+        for (name, value) in &d.headers {
+            if name.starts_with(header::RESERVED_PREFIX) {
+                return Err((
+                    "forged header",
+                    format!("header {name:?} is reserved for Sluice and was set by the producer"),
+                ));
+            }
+            if !header::KNOWN.contains(&name.as_str()) && !name.starts_with(header::APP_PREFIX) {
+                return Err((
+                    "unknown header",
+                    format!("header {name:?} is not known (use x-* for application headers)"),
+                ));
+            }
+            if value.len() > limits.max_header_bytes {
+                return Err((
+                    "oversized header",
+                    format!(
+                        "header {name:?} is {} bytes, limit {} (limits.max_header_bytes)",
+                        value.len(),
+                        limits.max_header_bytes
+                    ),
+                ));
+            }
+        }
+        if !self.schema_versions.is_empty() {
+            let v = d.headers.get(header::SCHEMA_VERSION).map(String::as_str);
+            if !v.is_some_and(|v| self.schema_versions.iter().any(|s| s == v)) {
+                return Err((
+                    "unsupported schema version",
+                    format!(
+                        "schema-version {} is not accepted (accepted: {})",
+                        v.map(|v| format!("{v:?}"))
+                            .unwrap_or_else(|| "header missing".into()),
+                        self.schema_versions.join(", ")
+                    ),
+                ));
+            }
+        }
+        let text = std::str::from_utf8(&d.body)
+            .map_err(|e| ("invalid UTF-8", format!("body is not UTF-8: {e}")))?;
+        serde_json::from_str(text).map_err(|e| {
+            if e.is_data() {
+                (
+                    "invalid input",
+                    format!("body does not match the input schema: {e}"),
+                )
+            } else {
+                ("malformed JSON", format!("body is not JSON: {e}"))
+            }
+        })
+    }
+
+    /// Calls the handler with a fresh timeout per try, retrying short waits in the slot.
+    async fn call_handler(
+        &self,
+        d: &Delivery,
+        input: T,
+        key: &str,
+        cancel: &CancellationToken,
+    ) -> std::result::Result<Vec<u8>, HandlerError> {
+        let mut input = Some(input);
+        let mut tries = 0;
+        loop {
+            let this = match input.take() {
+                Some(i) => i,
+                None => self
+                    .decode(d)
+                    .map_err(|(_, r)| HandlerError::permanent(r))?,
+            };
+            let result = self.call_once(d, this, key, cancel).await;
+            let err = match result {
+                Ok(out) => return Ok(out),
+                Err(e) => e,
+            };
+            let wait = match err.kind {
+                ErrorKind::Transient => Some(self.policy.immediate_delay(tries + 1)),
+                ErrorKind::RetryAfter(w) if w <= self.policy.max_in_slot_wait() => Some(w),
+                _ => None,
+            };
+            match wait {
+                Some(w) if tries < self.policy.immediate_retries() && !cancel.is_cancelled() => {
+                    tries += 1;
+                    inc(&self.metrics.immediate_retries);
+                    tracing::debug!(error = %err, wait = ?w, try_ = tries, "immediate retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(w) => {}
+                        _ = cancel.cancelled() => return Err(err),
+                    }
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    async fn call_once(
+        &self,
+        d: &Delivery,
+        input: T,
+        key: &str,
+        cancel: &CancellationToken,
+    ) -> std::result::Result<Vec<u8>, HandlerError> {
+        let timeout = self.settings.worker.handler_timeout;
+        let ctx = Context {
+            message_id: d.id.clone(),
+            attempt: d.attempt,
+            headers: d.headers.clone(),
+            deadline: Instant::now() + timeout,
+            idempotency_key: key.to_owned(),
+            cancel: cancel.clone(),
+            state: self.state.clone(),
+        };
+        let fault = &self.settings.fault;
+        let call = async {
+            if !fault.latency.is_zero() {
+                tokio::time::sleep(fault.latency).await;
+            }
+            let (panic_draw, fail_draw): (f64, f64) = {
+                let mut rng = rand::thread_rng();
+                (rng.gen(), rng.gen())
+            };
+            if panic_draw < fault.panic_rate {
+                panic!("injected panic (fault.panic_rate)");
+            }
+            if fail_draw < fault.failure_rate {
+                return Err(HandlerError::transient(
+                    "injected failure (fault.failure_rate)",
+                ));
+            }
+            self.handler.call(input, &ctx).await
+        };
+        match tokio::time::timeout(timeout, AssertUnwindSafe(call).catch_unwind()).await {
+            Err(_) => Err(HandlerError::transient(format!(
+                "handler timed out after {timeout:?}"
+            ))),
+            Ok(Err(panic)) => {
+                inc(&self.metrics.panics);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                Err(HandlerError::transient(format!("handler panicked: {what}")))
+            }
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok(out))) => serde_json::to_vec(&out).map_err(|e| {
+                HandlerError::permanent(format!("handler output does not serialize: {e}"))
+            }),
+        }
+    }
+
+    /// Extends the message lease (and the idempotency lease with it) while the pipeline runs.
+    /// Returns only when the lease is lost, after cancelling the handler's context.
+    async fn keep_lease(
+        &self,
+        d: &Delivery,
+        held: &HeldClaim,
+        cancel: &CancellationToken,
+    ) -> Verdict {
+        let lease = self.settings.transport.lease;
+        // Extend at a third of the lease, so two extensions can fail before it runs out.
+        let every = lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.transport.extend(d, lease).await {
+                tracing::warn!(error = %e, "lost the message lease; cancelling the handler");
+                cancel.cancel();
+                break;
+            }
+            let claim = held.lock().expect("claim lock").clone();
+            if let (Some(store), Some((key, token))) = (&self.store, claim) {
+                if let Err(e) = store.extend(&key, token, lease).await {
+                    tracing::warn!(error = %e, "lost the idempotency lease; cancelling the handler");
+                    cancel.cancel();
+                    break;
+                }
+            }
+        }
+        // Let the handler observe the cancellation and return; decide() then abandons.
+        std::future::pending().await
+    }
+
+    async fn release_claim(&self, held: &HeldClaim) {
+        let claim = held.lock().expect("claim lock").take();
+        if let (Some(store), Some((key, token))) = (&self.store, claim) {
+            if let Err(e) = store.release(&key, token).await {
+                tracing::warn!(error = %e, "could not release the idempotency record; it frees itself when its lease ends");
+            }
+        }
+    }
+
+    /// Settles on the broker and counts.
+    async fn settle(&self, d: &Delivery, verdict: Verdict) {
+        let span = tracing::Span::current();
+        let (outcome, result) = match &verdict {
+            Verdict::Ack { duplicate } => {
+                let r = self.transport.ack(d).await;
+                if r.is_ok() {
+                    inc(if *duplicate {
+                        &self.metrics.duplicates_skipped
+                    } else {
+                        &self.metrics.succeeded
+                    });
+                }
+                (if *duplicate { "duplicate" } else { "succeeded" }, r)
+            }
+            Verdict::Retry { delay, failure } => {
+                let r = self.transport.retry_after(d, *delay, failure).await;
+                if r.is_ok() {
+                    inc(&self.metrics.retried);
+                    tracing::info!(delay = ?delay, reason = %failure.reason, "retry scheduled");
+                }
+                ("retried", r)
+            }
+            Verdict::DeadLetter { failure, label } => {
+                let r = self.transport.dead_letter(d, failure).await;
+                if r.is_ok() {
+                    self.metrics.dead_letter_reason(label);
+                    tracing::warn!(class = failure.class.as_str(), reason = %failure.reason, "dead-lettered");
+                }
+                ("dead_lettered", r)
+            }
+            Verdict::Release => {
+                let r = self.transport.release(d).await;
+                if r.is_ok() {
+                    inc(&self.metrics.released);
+                }
+                ("released", r)
+            }
+            Verdict::Abandon => ("abandoned", Ok(())),
+        };
+        span.record("outcome", outcome);
+        match result {
+            Ok(()) => tracing::debug!(outcome, "settled"),
+            Err(Error::LeaseLost(_)) => tracing::warn!(
+                outcome,
+                "lease lost before settling: the message was redelivered; idempotency absorbs the duplicate"
+            ),
+            Err(e) => tracing::error!(outcome, error = %e, "settling failed; the message returns when its lease ends"),
+        }
+    }
+}
+
+fn dead_letter(class: FailureClass, label: &str, reason: impl Into<String>) -> Verdict {
+    Verdict::DeadLetter {
+        failure: Failure::now(class, reason),
+        label: label.to_owned(),
+    }
+}
