@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// All settings of one function.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// The work queue name (default: the function name).
@@ -38,27 +38,73 @@ pub struct Settings {
     pub app: toml_value::Table,
 }
 
-/// A minimal JSON-like table type for the free-form `[app]` section.
+/// The free-form `[app]` table, kept as configuration values (not JSON) so that strings from
+/// the environment are converted only when the function's own type asks for a number.
 pub mod toml_value {
-    /// The `[app]` table as generic JSON values.
-    pub type Table = serde_json::Map<String, serde_json::Value>;
+    /// The `[app]` table.
+    pub type Table = config::Map<String, config::Value>;
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            queue: String::new(),
-            transport: TransportSettings::default(),
-            store: StoreSettings::default(),
-            worker: WorkerSettings::default(),
-            retry: RetrySettings::default(),
-            breaker: BreakerSettings::default(),
-            rate_limit: RateLimitSettings::default(),
-            limits: LimitSettings::default(),
-            fault: FaultSettings::default(),
-            telemetry: TelemetrySettings::default(),
-            app: toml_value::Table::new(),
+/// Settings print without secrets: URL passwords are masked and `[app]` values hidden (they
+/// often hold API keys).
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("queue", &self.queue)
+            .field("transport", &self.transport)
+            .field("store", &self.store)
+            .field("worker", &self.worker)
+            .field("retry", &self.retry)
+            .field("breaker", &self.breaker)
+            .field("rate_limit", &self.rate_limit)
+            .field("limits", &self.limits)
+            .field("fault", &self.fault)
+            .field("telemetry", &self.telemetry)
+            .field(
+                "app",
+                &self.app.keys().map(|k| (k, "<hidden>")).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for TransportSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportSettings")
+            .field("kind", &self.kind)
+            .field("url", &redact_url(&self.url))
+            .field("lease", &self.lease)
+            .field("wait", &self.wait)
+            .field("poll_interval", &self.poll_interval)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("kind", &self.kind)
+            .field("url", &redact_url(&self.url))
+            .field("ttl", &self.ttl)
+            .field("max_output_bytes", &self.max_output_bytes)
+            .field("fail_open", &self.fail_open)
+            .finish()
+    }
+}
+
+/// Masks the password of a `scheme://user:password@host/...` URL, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{path}")
         }
+        None => url.to_owned(),
     }
 }
 
@@ -75,7 +121,7 @@ pub enum TransportKind {
 }
 
 /// `[transport]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransportSettings {
     /// `embedded` (default), `rabbitmq` or `sqs`.
@@ -122,7 +168,7 @@ pub enum StoreKind {
 }
 
 /// `[store]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSettings {
     /// `sqlite` (default), `none`, `postgres`, `redis`, `s3`.
@@ -341,7 +387,7 @@ impl Settings {
             };
             let key = rest.to_ascii_lowercase().replace("__", ".");
             builder = builder
-                .set_override(key.clone(), parse_scalar(&value))
+                .set_override(key.clone(), value.clone())
                 .map_err(|e| Error::Config(format!("{name}: {e}")))?;
         }
         for kv in overrides {
@@ -351,7 +397,7 @@ impl Settings {
                 ))
             })?;
             builder = builder
-                .set_override(key.trim(), parse_scalar(value.trim()))
+                .set_override(key.trim(), value.trim().to_owned())
                 .map_err(|e| Error::Config(format!("--set {key}: {e}")))?;
         }
         let cfg = builder.build().map_err(|e| Error::Config(e.to_string()))?;
@@ -407,25 +453,10 @@ impl Settings {
 
     /// Deserializes the function's `[app]` section, naming the key on error.
     pub fn app<C: serde::de::DeserializeOwned>(&self) -> Result<C> {
-        let value = serde_json::Value::Object(self.app.clone());
+        let value = config::Value::new(None, config::ValueKind::Table(self.app.clone()));
         serde_path_to_error::deserialize(value)
             .map_err(|e| Error::Config(format!("key `app.{}`: {}", e.path(), e.inner())))
     }
-}
-
-/// Environment and flag values arrive as strings: let numbers and booleans be themselves so
-/// `SLUICE__WORKER__CONCURRENCY=4` deserializes as a number.
-fn parse_scalar(s: &str) -> config::Value {
-    if let Ok(b) = s.parse::<bool>() {
-        return b.into();
-    }
-    if let Ok(i) = s.parse::<i64>() {
-        return i.into();
-    }
-    if let Ok(f) = s.parse::<f64>() {
-        return f.into();
-    }
-    s.to_owned().into()
 }
 
 #[cfg(test)]
@@ -513,6 +544,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("fault.failure_rate"), "{err}");
+    }
+
+    #[test]
+    fn env_values_become_numbers_only_where_the_type_wants_one() {
+        #[derive(Deserialize)]
+        struct App {
+            secret: String,
+            rate: f64,
+        }
+        let s = load(
+            "",
+            &[
+                ("SLUICE__APP__SECRET", "007"),
+                ("SLUICE__APP__RATE", "0.25"),
+            ],
+            &["worker.concurrency=4"],
+        )
+        .unwrap();
+        assert_eq!(s.worker.concurrency, 4);
+        let app: App = s.app().unwrap();
+        assert_eq!(app.secret, "007", "a numeric-looking secret stays a string");
+        assert_eq!(app.rate, 0.25);
+    }
+
+    #[test]
+    fn debug_output_hides_passwords_and_app_values() {
+        let s = load(
+            "[app]\napi_key = \"sk_live_123\"\n",
+            &[(
+                "SLUICE__TRANSPORT__URL",
+                "amqp://guest:hunter2@rabbit:5672/%2f",
+            )],
+            &[],
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("sk_live_123"), "{shown}");
+        assert!(
+            shown.contains("amqp://guest:***@rabbit:5672/%2f"),
+            "{shown}"
+        );
+        assert_eq!(redact_url("/tmp/queue.db"), "/tmp/queue.db");
     }
 
     #[test]

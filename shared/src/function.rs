@@ -64,7 +64,9 @@ where
         self
     }
 
-    /// The `schema-version` header values this handler accepts; others are dead-lettered.
+    /// The `schema-version` header values this handler accepts; others are dead-lettered as
+    /// permanent with a reason naming the version. A message without the header is taken as
+    /// the first version listed.
     pub fn schema_versions(mut self, versions: &[&str]) -> Self {
         self.schema_versions = versions.iter().map(|v| v.to_string()).collect();
         self
@@ -107,9 +109,14 @@ where
     /// Builds the runtime: opens the transport and the store, builds the state.
     pub async fn build(self, settings: Settings) -> Result<Runtime<T, S, H>> {
         let state = match self.init {
-            Some(init) => init(settings.clone())
-                .await
-                .map_err(|e| Error::Config(format!("{} state: {e:#}", self.name)))?,
+            Some(init) => init(settings.clone()).await.map_err(|e| {
+                // A settings error from `Settings::app` already names its key.
+                match e.downcast::<Error>() {
+                    Ok(Error::Config(msg)) => Error::Config(msg),
+                    Ok(other) => Error::Config(format!("{} start-up: {other}", self.name)),
+                    Err(e) => Error::Config(format!("{} start-up: {e:#}", self.name)),
+                }
+            })?,
             None => *(Box::new(()) as Box<dyn Any>)
                 .downcast::<S>()
                 .map_err(|_| {

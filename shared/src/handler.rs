@@ -156,6 +156,26 @@ impl<S> Context<S> {
     }
 }
 
+impl<S> Context<S> {
+    /// Sets the idempotency key (tests, `invoke`).
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = key.into();
+        self
+    }
+
+    /// Sets the delivery number (tests).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// Adds a header (tests).
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.insert(name.to_ascii_lowercase(), value.into());
+        self
+    }
+}
+
 /// A handler: implemented for every `async fn(T, &Context<S>) -> Result<O, HandlerError>`.
 ///
 /// The lifetime parameter lets the returned future borrow the context, so handlers are

@@ -311,11 +311,18 @@ where
                 }
                 Ok(Claim::Completed(_)) => return Verdict::Ack { duplicate: true },
                 Ok(Claim::InProgress(remaining)) => {
+                    // Usually the other delivery finishes soon: come back on the normal
+                    // backoff, but never later than the end of its lease.
+                    let floor = Duration::from_millis(100);
+                    let delay = self
+                        .policy
+                        .delayed_retry(d.attempt)
+                        .clamp(floor, remaining.max(floor));
                     return self.retry_or_give_up(
                         d,
-                        remaining.max(Duration::from_millis(100)),
+                        delay,
                         "another delivery of this key is in progress".into(),
-                    )
+                    );
                 }
                 Ok(Claim::FingerprintMismatch) => {
                     return dead_letter(
@@ -391,15 +398,20 @@ where
                 Verdict::Ack { duplicate: false }
             }
             Err(e) => {
+                // Only transient failures (errors, timeouts, panics) say the downstream is
+                // unwell. A permanent error is an answer; a RetryAfter is a downstream pacing
+                // us, which the delay already honours: neither opens the breaker.
                 match e.kind {
-                    ErrorKind::Permanent => self.breaker.on_success(),
-                    _ => self.breaker.on_failure(),
+                    ErrorKind::Transient => self.breaker.on_failure(),
+                    ErrorKind::Permanent | ErrorKind::RetryAfter(_) => self.breaker.on_success(),
                 }
                 self.release_claim(held).await;
                 match e.kind {
-                    ErrorKind::Permanent => {
-                        dead_letter(FailureClass::Permanent, "handler: permanent", e.message)
-                    }
+                    ErrorKind::Permanent => dead_letter(
+                        FailureClass::Permanent,
+                        "rejected by the handler",
+                        e.message,
+                    ),
                     ErrorKind::Transient => {
                         self.retry_or_give_up(d, self.policy.delayed_retry(d.attempt), e.message)
                     }
@@ -468,15 +480,14 @@ where
                 ));
             }
         }
-        if !self.schema_versions.is_empty() {
-            let v = d.headers.get(header::SCHEMA_VERSION).map(String::as_str);
-            if !v.is_some_and(|v| self.schema_versions.iter().any(|s| s == v)) {
+        if let Some(default) = self.schema_versions.first() {
+            // A message without the header is taken as the first (default) version.
+            let v = d.headers.get(header::SCHEMA_VERSION).unwrap_or(default);
+            if !self.schema_versions.contains(v) {
                 return Err((
                     "unsupported schema version",
                     format!(
-                        "schema-version {} is not accepted (accepted: {})",
-                        v.map(|v| format!("{v:?}"))
-                            .unwrap_or_else(|| "header missing".into()),
+                        "schema-version {v:?} is not accepted (accepted: {})",
                         self.schema_versions.join(", ")
                     ),
                 ));

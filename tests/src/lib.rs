@@ -1,1 +1,142 @@
+//! Helpers shared by the black-box tests and the demo driver: find a function binary, run it
+//! as a separate process with its queue, store and ledger in one directory, read its ledger.
 
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{bail, Context as _};
+
+/// The path of a function binary built in the same target directory as the running
+/// executable (tests live in `target/<profile>/deps`, binaries in `target/<profile>`).
+pub fn function_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable has no directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps has no parent")?;
+    }
+    let bin = dir.join(name);
+    if !bin.exists() {
+        bail!(
+            "{} is not built: run `cargo build -p {name}` (just test does) before this",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Where one function run keeps its files.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Sandbox {
+    /// A sandbox in `dir` (created).
+    pub fn new(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// The embedded queue file.
+    pub fn queue_db(&self) -> PathBuf {
+        self.dir.join("queue.db")
+    }
+
+    /// The idempotency store file.
+    pub fn store_db(&self) -> PathBuf {
+        self.dir.join("idempotency.db")
+    }
+
+    /// charge-payment's ledger file.
+    pub fn ledger_db(&self) -> PathBuf {
+        self.dir.join("ledger.db")
+    }
+
+    /// Environment that points a function at this sandbox.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "SLUICE__TRANSPORT__URL".into(),
+                self.queue_db().display().to_string(),
+            ),
+            (
+                "SLUICE__STORE__URL".into(),
+                self.store_db().display().to_string(),
+            ),
+            (
+                "SLUICE__APP__LEDGER".into(),
+                self.ledger_db().display().to_string(),
+            ),
+        ]
+    }
+
+    /// A command for `bin` with the sandbox environment, logs appended to `log`.
+    pub fn command(&self, bin: &Path, args: &[&str], log: &str) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .envs(self.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(log))?,
+            );
+        Ok(cmd)
+    }
+
+    /// Starts `bin run` in the background with extra `--set` overrides.
+    pub fn spawn_worker(&self, bin: &Path, extra: &[&str], log: &str) -> anyhow::Result<Child> {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra);
+        Ok(self.command(bin, &args, log)?.spawn()?)
+    }
+}
+
+/// Counts in charge-payment's ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedgerCounts {
+    /// Rows (charges made).
+    pub charges: u64,
+    /// Distinct payment ids charged.
+    pub distinct_payments: u64,
+}
+
+/// Reads the ledger (zero if it does not exist yet).
+pub fn ledger_counts(path: &Path) -> anyhow::Result<LedgerCounts> {
+    if !path.exists() {
+        return Ok(LedgerCounts::default());
+    }
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    let has_table: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'charges'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok(LedgerCounts::default());
+    }
+    let (charges, distinct): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COUNT(DISTINCT payment_id) FROM charges",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(LedgerCounts {
+        charges: charges as u64,
+        distinct_payments: distinct as u64,
+    })
+}
+
+/// A charge request body.
+pub fn charge_body(payment_id: &str, amount_cents: u64) -> String {
+    format!(
+        r#"{{"payment_id":"{payment_id}","amount_cents":{amount_cents},"currency":"EUR","customer":"cust-{}"}}"#,
+        amount_cents % 97
+    )
+}

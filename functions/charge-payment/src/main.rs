@@ -1,1 +1,198 @@
-fn main() {}
+//! charge-payment: charges a payment through the gateway and must never charge twice for one
+//! payment id, however often the message is delivered.
+//!
+//! Run with:
+//!
+//! ```text
+//! cargo run -p charge-payment -- send '{"payment_id":"p-1","amount_cents":1250,"currency":"EUR","customer":"c-9"}'
+//! cargo run -p charge-payment -- run --drain
+//! cargo run -p charge-payment -- stats
+//! ```
+//!
+//! Duplicates are absorbed twice over: the idempotency key is the payment id, so Sluice's
+//! record replays the stored receipt without calling the gateway; and the key is passed on to
+//! the gateway, which charges once per key even if a worker dies between the charge and the
+//! record (see docs/idempotency.md).
+
+mod gateway;
+
+use serde::{Deserialize, Serialize};
+use sluice::{Context, Function, HandlerError, Settings};
+
+use crate::gateway::{GatewayConfig, GatewayError, LocalGateway};
+
+/// One charge to make.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChargeRequest {
+    payment_id: String,
+    amount_cents: u64,
+    currency: String,
+    customer: String,
+}
+
+/// What the function returns (stored, and replayed for duplicates).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct ChargeReceipt {
+    charge_id: String,
+    payment_id: String,
+    amount_cents: u64,
+    currency: String,
+}
+
+async fn charge(
+    req: ChargeRequest,
+    ctx: &Context<LocalGateway>,
+) -> Result<ChargeReceipt, HandlerError> {
+    validate(&req)?;
+    let charge = ctx
+        .state()
+        .charge(
+            &req.payment_id,
+            req.amount_cents,
+            &req.currency,
+            &req.customer,
+            ctx.idempotency_key(),
+        )
+        .await
+        .map_err(|e| match e {
+            GatewayError::Unavailable(why) => HandlerError::transient(why),
+            GatewayError::Declined(why) => HandlerError::permanent(format!("declined: {why}")),
+        })?;
+    Ok(ChargeReceipt {
+        charge_id: charge.charge_id,
+        payment_id: req.payment_id,
+        amount_cents: req.amount_cents,
+        currency: req.currency,
+    })
+}
+
+/// Business validation: a bad request is permanent, retrying cannot fix it.
+fn validate(req: &ChargeRequest) -> Result<(), HandlerError> {
+    if req.payment_id.is_empty() || req.payment_id.len() > 64 {
+        return Err(HandlerError::permanent(
+            "payment_id must be 1 to 64 characters",
+        ));
+    }
+    if req.amount_cents == 0 {
+        return Err(HandlerError::permanent("amount_cents must be positive"));
+    }
+    if req.currency.len() != 3 || !req.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(HandlerError::permanent(format!(
+            "currency {:?} is not an ISO 4217 code",
+            req.currency
+        )));
+    }
+    Ok(())
+}
+
+async fn connect(settings: Settings) -> anyhow::Result<LocalGateway> {
+    LocalGateway::open(settings.app::<GatewayConfig>()?)
+}
+
+fn main() -> std::process::ExitCode {
+    Function::new("charge-payment", charge)
+        .config(include_str!("../sluice.toml"))
+        .idempotency_key(|req: &ChargeRequest| req.payment_id.clone())
+        .schema_versions(&["1"])
+        .state(connect)
+        .main()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn gateway(dir: &tempfile::TempDir, failure_rate: f64) -> LocalGateway {
+        LocalGateway::open(GatewayConfig {
+            ledger: dir.path().join("ledger.db").to_string_lossy().into_owned(),
+            failure_rate,
+            latency: std::time::Duration::ZERO,
+            decline_over_cents: 10_000,
+        })
+        .unwrap()
+    }
+
+    fn request(payment_id: &str, amount_cents: u64) -> ChargeRequest {
+        ChargeRequest {
+            payment_id: payment_id.into(),
+            amount_cents,
+            currency: "EUR".into(),
+            customer: "c-1".into(),
+        }
+    }
+
+    fn ledger_rows(dir: &tempfile::TempDir) -> i64 {
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM charges", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn charges_once_and_returns_a_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 0.0)));
+        let receipt = charge(request("p-1", 500), &ctx).await.unwrap();
+        assert_eq!(receipt.payment_id, "p-1");
+        assert!(receipt.charge_id.starts_with("ch_"));
+        assert_eq!(ledger_rows(&dir), 1);
+    }
+
+    #[tokio::test]
+    async fn the_same_idempotency_key_never_charges_twice_at_the_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 0.0)));
+        let a = charge(request("p-1", 500), &ctx).await.unwrap();
+        let b = charge(request("p-1", 500), &ctx).await.unwrap();
+        assert_eq!(a, b, "the second call returns the first charge");
+        assert_eq!(ledger_rows(&dir), 1);
+    }
+
+    #[tokio::test]
+    async fn gateway_outage_is_transient_and_charges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 1.0)));
+        let err = charge(request("p-1", 500), &ctx).await.unwrap_err();
+        assert_eq!(err.kind, sluice::ErrorKind::Transient);
+        assert_eq!(ledger_rows(&dir), 0);
+    }
+
+    #[tokio::test]
+    async fn declines_and_invalid_requests_are_permanent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 0.0)));
+        let declined = charge(request("p-1", 20_000), &ctx).await.unwrap_err();
+        assert_eq!(declined.kind, sluice::ErrorKind::Permanent);
+        assert!(declined.message.contains("declined"), "{declined}");
+        let zero = charge(request("p-2", 0), &ctx).await.unwrap_err();
+        assert_eq!(zero.kind, sluice::ErrorKind::Permanent);
+        let mut bad_currency = request("p-3", 100);
+        bad_currency.currency = "euro".into();
+        let err = charge(bad_currency, &ctx).await.unwrap_err();
+        assert!(err.message.contains("ISO 4217"), "{err}");
+        assert_eq!(ledger_rows(&dir), 0);
+    }
+
+    #[test]
+    fn baked_config_is_valid_and_a_typo_in_app_names_the_key() {
+        let s = Settings::load(
+            "charge-payment",
+            Some(include_str!("../sluice.toml")),
+            std::iter::empty(),
+            &[],
+        )
+        .unwrap();
+        assert!(s.app::<GatewayConfig>().is_ok());
+        let s = Settings::load(
+            "charge-payment",
+            Some(include_str!("../sluice.toml")),
+            std::iter::empty(),
+            &["app.ledgr=x.db".into()],
+        )
+        .unwrap();
+        let err = s.app::<GatewayConfig>().unwrap_err().to_string();
+        assert!(err.contains("app.ledgr"), "{err}");
+    }
+}

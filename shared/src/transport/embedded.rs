@@ -134,39 +134,48 @@ impl EmbeddedTransport {
         max: usize,
     ) -> Result<Vec<Delivery>> {
         let now = unix_ms(SystemTime::now());
-        // Crash-loop guard: a message delivered max_deliveries times and still not settled
-        // (its worker kept dying) goes to the dead-letter queue instead of a new delivery.
-        let reason = format!(
-            "delivered {} times without being settled (the worker crashed or lost its lease each time)",
-            opts.max_deliveries
-        );
-        tx.execute(
-            "INSERT INTO dead_letters (id, queue, function, body, headers, enqueued_at, attempts,
-                 error_class, last_error, first_failure_at, last_failure_at, dead_lettered_at, redriven)
-             SELECT id, queue, ?1, body, headers, enqueued_at, receive_count, 'crash_loop', ?2,
-                 COALESCE(first_failure_at, ?3), ?3, ?3, redriven
-             FROM messages WHERE queue = ?4 AND visible_at <= ?3 AND receive_count >= ?5",
-            params![opts.function, reason, now, opts.queue, opts.max_deliveries],
-        )?;
-        tx.execute(
-            "DELETE FROM messages WHERE queue = ?1 AND visible_at <= ?2 AND receive_count >= ?3",
-            params![opts.queue, now, opts.max_deliveries],
-        )?;
-        let lease_until = now + opts.lease.as_millis() as i64;
-        let mut stmt = tx.prepare_cached(
-            "UPDATE messages SET visible_at = ?1, receive_count = receive_count + 1,
-                 lease_token = lower(hex(randomblob(16)))
-             WHERE seq IN (SELECT seq FROM messages WHERE queue = ?2 AND visible_at <= ?3
-                           ORDER BY visible_at, seq LIMIT ?4)
-             RETURNING id, body, headers, receive_count, enqueued_at, first_failure_at, lease_token, seq",
-        )?;
-        let mut rows: Vec<(i64, Delivery)> = stmt
-            .query_map(params![lease_until, opts.queue, now, max as i64], |r| {
-                Ok((r.get::<_, i64>(7)?, delivery_from_row(r)?))
+        // The oldest visible rows, by the (queue, visible_at, seq) index.
+        let candidates: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT seq, receive_count FROM messages WHERE queue = ?1 AND visible_at <= ?2
+                 ORDER BY visible_at, seq LIMIT ?3",
+            )?
+            .query_map(params![opts.queue, now, max as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
-        rows.sort_by_key(|(seq, _)| *seq);
-        Ok(rows.into_iter().map(|(_, d)| d).collect())
+        let lease_until = now + opts.lease.as_millis() as i64;
+        let mut out = Vec::with_capacity(candidates.len());
+        for (seq, receive_count) in candidates {
+            if receive_count >= i64::from(opts.max_deliveries) {
+                // Crash-loop guard: delivered max_deliveries times and never settled (its
+                // worker kept dying): dead-letter it instead of delivering it again.
+                let reason = format!(
+                    "delivered {receive_count} times without being settled (the worker crashed or lost its lease each time)"
+                );
+                tx.prepare_cached(
+                    "INSERT INTO dead_letters (id, queue, function, body, headers, enqueued_at, attempts,
+                         error_class, last_error, first_failure_at, last_failure_at, dead_lettered_at, redriven)
+                     SELECT id, queue, ?1, body, headers, enqueued_at, receive_count, 'crash_loop', ?2,
+                         COALESCE(first_failure_at, ?3), ?3, ?3, redriven
+                     FROM messages WHERE seq = ?4",
+                )?
+                .execute(params![opts.function, reason, now, seq])?;
+                tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
+                    .execute(params![seq])?;
+                continue;
+            }
+            let d = tx
+                .prepare_cached(
+                    "UPDATE messages SET visible_at = ?1, receive_count = receive_count + 1,
+                         lease_token = lower(hex(randomblob(16)))
+                     WHERE seq = ?2
+                     RETURNING id, body, headers, receive_count, enqueued_at, first_failure_at, lease_token",
+                )?
+                .query_row(params![lease_until, seq], delivery_from_row)?;
+            out.push(d);
+        }
+        Ok(out)
     }
 }
 
