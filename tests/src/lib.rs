@@ -19,7 +19,8 @@ pub fn function_binary(name: &str) -> anyhow::Result<PathBuf> {
     let bin = dir.join(name);
     if !bin.exists() {
         bail!(
-            "{} is not built: run `cargo build -p {name}` (just test does) before this",
+            "{} is not built: build it first (`cargo build -p {name}`, with `--release` for a \
+             release run; `just test` and `just demo` do)",
             bin.display()
         );
     }

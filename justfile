@@ -1,0 +1,31 @@
+# Sluice workflows. `just` lists them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
+demo *args:
+    cargo build --release --quiet -p charge-payment
+    cargo run --release --quiet -p sluice-tests --bin demo -- {{args}}
+
+# Everything CI checks: format, lints, unit tests, conformance suites, functions, end-to-end.
+test: lint
+    cargo build --workspace --bins
+    cargo nextest run --workspace --no-fail-fast
+    cargo test --doc --workspace --quiet
+
+# Format check and clippy with warnings as errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Run a function's CLI, e.g. `just fn charge-payment stats`.
+fn name *args:
+    cargo run --quiet -p {{name}} -- {{args}}
