@@ -16,7 +16,7 @@ use crate::{
     error::{Error, Result},
     function::Function,
     handler::{ErrorKind, Handler},
-    message::{header, DeadLetter, FailureClass, OutgoingMessage, RedriveFilter},
+    message::{check_envelope, DeadLetter, FailureClass, OutgoingMessage, RedriveFilter},
     telemetry::init_logging,
     transport::Transport,
     worker::{RunOptions, Runtime},
@@ -311,6 +311,14 @@ fn spawn_signal_listener(shutdown: CancellationToken) {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         }
         shutdown.cancel();
+        // A second signal means "now": exit at once. Messages in flight are not lost: their
+        // leases run out and they are delivered again.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::warn!("second signal: exiting without waiting for in-flight messages");
+        std::process::exit(130);
     });
 }
 
@@ -342,14 +350,12 @@ where
         let (name, value) = h
             .split_once('=')
             .ok_or_else(|| Error::Invalid(format!("--header {h:?}: expected NAME=VALUE")))?;
-        let name = name.trim().to_ascii_lowercase();
-        if name.starts_with(header::RESERVED_PREFIX) {
-            return Err(Error::Invalid(format!(
-                "--header {name}: sluice-* headers are reserved"
-            )));
-        }
-        headers.insert(name, value.to_owned());
+        headers.insert(name.trim().to_ascii_lowercase(), value.to_owned());
     }
+    // Refuse here what the worker would dead-letter: limits and header rules (not the body's
+    // JSON, so that bad input can still be sent on purpose).
+    check_envelope(&body, &headers, &rt.settings().limits)
+        .map_err(|(_, reason)| Error::Limit(reason))?;
     let text = String::from_utf8_lossy(&body).into_owned();
     let templated = text.contains("{{seq}}");
     let poison_rate = rt.settings().fault.poison_rate;

@@ -333,7 +333,7 @@ pub struct FaultSettings {
     /// Added latency per handler call.
     #[serde(with = "humantime_serde")]
     pub latency: Duration,
-    /// Fraction of messages made by `send --count` whose body is corrupted (not JSON).
+    /// Fraction of messages sent by `send` whose body is corrupted (not UTF-8, not JSON).
     pub poison_rate: f64,
 }
 
@@ -454,8 +454,16 @@ impl Settings {
     /// Deserializes the function's `[app]` section, naming the key on error.
     pub fn app<C: serde::de::DeserializeOwned>(&self) -> Result<C> {
         let value = config::Value::new(None, config::ValueKind::Table(self.app.clone()));
-        serde_path_to_error::deserialize(value)
-            .map_err(|e| Error::Config(format!("key `app.{}`: {}", e.path(), e.inner())))
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            // A missing field is reported at the table itself, whose path prints as ".".
+            let path = e.path().to_string();
+            let key = if path == "." {
+                "app".to_owned()
+            } else {
+                format!("app.{path}")
+            };
+            Error::Config(format!("key `{key}`: {}", e.inner()))
+        })
     }
 }
 

@@ -52,7 +52,7 @@
 //! CLI, `hdrhistogram` for latency percentiles, `serde_path_to_error` so a bad setting names
 //! its key, `humantime-serde` for durations such as `"30s"`, `sha2` for payload fingerprints,
 //! `tokio-util` for cancellation tokens, `futures-util` for catching handler panics without a
-//! task per message, `indicatif` for progress bars.
+//! task per try.
 
 #![warn(missing_docs)]
 
@@ -78,4 +78,6 @@ pub use function::Function;
 pub use handler::{Context, ErrorKind, Handler, HandlerError};
 pub use message::{Delivery, Failure, FailureClass, Headers, OutgoingMessage};
 pub use store::IdempotencyStore;
+/// The cancellation token `run` stops on (re-exported so callers need no tokio-util).
+pub use tokio_util::sync::CancellationToken;
 pub use transport::Transport;

@@ -80,6 +80,12 @@ impl OutgoingMessage {
         self.headers.insert(name.to_ascii_lowercase(), value.into());
         self
     }
+
+    /// Delivers the message only after `delay`.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
 }
 
 /// A leased message, as a transport hands it to the pipeline.
@@ -110,6 +116,7 @@ pub enum FailureClass {
     /// Bad input or a business rejection: dead-lettered at once.
     Permanent,
     /// Delivered too many times without ever being settled (the worker kept dying).
+    #[value(name = "crash_loop")]
     CrashLoop,
 }
 
@@ -235,6 +242,61 @@ pub struct RedriveFilter {
     pub error_class: Option<FailureClass>,
     /// List what would move, move nothing.
     pub dry_run: bool,
+}
+
+/// Checks a body and its headers against the limits and the header rules; on failure returns
+/// a short label (for metrics) and the reason. The worker runs it on every delivery (bad input
+/// is dead-lettered) and `send` before publishing (bad input is refused).
+pub fn check_envelope(
+    body: &[u8],
+    headers: &Headers,
+    limits: &crate::config::LimitSettings,
+) -> Result<(), (&'static str, String)> {
+    if body.len() > limits.max_body_bytes {
+        return Err((
+            "oversized body",
+            format!(
+                "body is {} bytes, limit {} (limits.max_body_bytes)",
+                body.len(),
+                limits.max_body_bytes
+            ),
+        ));
+    }
+    if headers.len() > limits.max_headers {
+        return Err((
+            "too many headers",
+            format!(
+                "{} headers, limit {} (limits.max_headers)",
+                headers.len(),
+                limits.max_headers
+            ),
+        ));
+    }
+    for (name, value) in headers {
+        if name.starts_with(header::RESERVED_PREFIX) {
+            return Err((
+                "forged header",
+                format!("header {name:?} is reserved for Sluice and was set by the producer"),
+            ));
+        }
+        if !header::KNOWN.contains(&name.as_str()) && !name.starts_with(header::APP_PREFIX) {
+            return Err((
+                "unknown header",
+                format!("header {name:?} is not known (use x-* for application headers)"),
+            ));
+        }
+        if value.len() > limits.max_header_bytes {
+            return Err((
+                "oversized header",
+                format!(
+                    "header {name:?} is {} bytes, limit {} (limits.max_header_bytes)",
+                    value.len(),
+                    limits.max_header_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch (what the embedded backends store).

@@ -9,7 +9,10 @@
 use std::{
     marker::PhantomData,
     panic::AssertUnwindSafe,
-    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -25,7 +28,7 @@ use crate::{
     config::Settings,
     error::{Error, Result},
     handler::{Context, ErrorKind, Handler, HandlerError},
-    message::{header, Delivery, Failure, FailureClass},
+    message::{check_envelope, header, Delivery, Failure, FailureClass},
     ratelimit::RateLimiter,
     retry::RetryPolicy,
     store::{fingerprint, AnyStore, Claim, IdempotencyStore, Token},
@@ -102,7 +105,13 @@ where
         &self.settings
     }
 
-    /// Runs the handler once on a body, with no queue and no store (the `invoke` command).
+    /// The circuit breaker's state now (the `breaker_state` gauge).
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Runs the handler once on a body (the `invoke` command): no receive, no idempotency
+    /// record, no immediate retries, no settling. The handler's own effects are real.
     pub async fn invoke(&self, body: &[u8]) -> std::result::Result<Vec<u8>, HandlerError> {
         let d = Delivery {
             id: uuid::Uuid::new_v4().to_string(),
@@ -120,7 +129,8 @@ where
             Some(f) => f(&input),
             None => d.id.clone(),
         };
-        self.call_handler(&d, input, &key, &CancellationToken::new())
+        // Once: no immediate retries, so a failure shows as it happened.
+        self.call_once(&d, input, &key, &CancellationToken::new())
             .await
     }
 
@@ -146,22 +156,26 @@ where
         let mut transport_errors = 0u32;
         while !shutdown.is_cancelled() {
             while tasks.try_join_next().is_some() {}
-            // A breaker that is open takes nothing new; half-open takes one probe message.
-            let batch = match self.breaker.state() {
-                BreakerState::Open => {
+            // A free slot first: the failure that frees one may be the one that opens the
+            // breaker, so the breaker is asked only once a slot is free.
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            // Open: take nothing new. Half-open: take the single probe message, and nothing
+            // more until its outcome has closed or re-opened the breaker.
+            let (batch, probe) = match self.breaker.admit() {
+                Admission::Allow if self.limiter.is_some() => (1, false),
+                Admission::Allow => (RECEIVE_BATCH, false),
+                Admission::Probe => (1, true),
+                Admission::Wait(w) => {
+                    drop(first);
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = tokio::time::sleep(w.min(Duration::from_millis(200))) => {}
                         _ = shutdown.cancelled() => {}
                     }
                     continue;
                 }
-                BreakerState::HalfOpen => 1,
-                BreakerState::Closed if self.limiter.is_some() => 1,
-                BreakerState::Closed => RECEIVE_BATCH,
-            };
-            let first = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-                _ = shutdown.cancelled() => break,
             };
             let mut permits = vec![first];
             while permits.len() < batch {
@@ -186,6 +200,9 @@ where
                     got
                 }
                 Err(e) => {
+                    if probe {
+                        self.breaker.probe_abandoned();
+                    }
                     transport_errors += 1;
                     let wait = self.policy.delayed_retry_envelope(transport_errors);
                     tracing::error!(error = %e, retry_in = ?wait, "receive failed");
@@ -197,6 +214,9 @@ where
                 }
             };
             if got.is_empty() {
+                if probe {
+                    self.breaker.probe_abandoned();
+                }
                 drop(permits);
                 if opts.drain && tasks.is_empty() && self.transport.stats().await?.is_drained() {
                     tracing::info!("queue drained");
@@ -209,7 +229,7 @@ where
                 let rt = self.clone();
                 let hard_stop = hard_stop.clone();
                 tasks.spawn(async move {
-                    rt.process(d, &hard_stop).await;
+                    rt.process(d, &hard_stop, probe).await;
                     drop(permit);
                 });
             }
@@ -236,7 +256,8 @@ where
     }
 
     /// The pipeline for one delivery, in its own span.
-    pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken) {
+    /// `probe`: the intake loop reserved the breaker's half-open probe for this message.
+    pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken, probe: bool) {
         let span = tracing::info_span!(
             "message",
             function = %self.function,
@@ -252,7 +273,10 @@ where
             self.metrics.in_flight.fetch_add(1, Relaxed);
             let held: HeldClaim = Mutex::new(None);
             let cancel = CancellationToken::new();
-            let decide = self.decide(&d, &held, &cancel);
+            // True while this message holds the breaker's probe without having given it a
+            // verdict; a probe that ends without one (bad input, duplicate) is handed back.
+            let probe = AtomicBool::new(probe);
+            let decide = self.decide(&d, &held, &cancel, &probe);
             tokio::pin!(decide);
             let verdict = tokio::select! {
                 v = &mut decide => v,
@@ -270,6 +294,9 @@ where
             if matches!(verdict, Verdict::Release) {
                 self.release_claim(&held).await;
             }
+            if probe.load(Relaxed) {
+                self.breaker.probe_abandoned();
+            }
             self.settle(&d, verdict).await;
             self.metrics.in_flight.fetch_sub(1, Relaxed);
             self.metrics.observe(started.elapsed());
@@ -279,7 +306,13 @@ where
     }
 
     /// Decides what happens to the message. Does not touch the broker.
-    async fn decide(&self, d: &Delivery, held: &HeldClaim, cancel: &CancellationToken) -> Verdict {
+    async fn decide(
+        &self,
+        d: &Delivery,
+        held: &HeldClaim,
+        cancel: &CancellationToken,
+        probe: &AtomicBool,
+    ) -> Verdict {
         // 1. Decode and validate: bad input is permanent and keeps its bytes.
         let input = match self.decode(d) {
             Ok(input) => input,
@@ -350,14 +383,10 @@ where
 
         // 4. Circuit breaker: a message held while the breaker is open waits here, its lease
         //    kept alive by the lease keeper, until a probe has closed the breaker again.
-        let mut probe = false;
-        loop {
+        while !probe.load(Relaxed) {
             match self.breaker.admit() {
                 Admission::Allow => break,
-                Admission::Probe => {
-                    probe = true;
-                    break;
-                }
+                Admission::Probe => probe.store(true, Relaxed),
                 Admission::Wait(w) => {
                     tokio::select! {
                         _ = tokio::time::sleep(w.min(Duration::from_millis(250))) => {}
@@ -374,11 +403,10 @@ where
         let result = self.call_handler(d, input, &key, cancel).await;
         if cancel.is_cancelled() && result.is_err() {
             self.release_claim(held).await;
-            if probe {
-                self.breaker.probe_abandoned();
-            }
             return Verdict::Abandon;
         }
+        // The outcome below is the breaker's verdict on the probe, if this was one.
+        probe.store(false, Relaxed);
 
         // 6. Classify, and record the outcome before settling on the broker.
         match result {
@@ -435,51 +463,7 @@ where
 
     /// Decodes and validates; on failure returns (label, reason).
     fn decode(&self, d: &Delivery) -> std::result::Result<T, (&'static str, String)> {
-        let limits = &self.settings.limits;
-        if d.body.len() > limits.max_body_bytes {
-            return Err((
-                "oversized body",
-                format!(
-                    "body is {} bytes, limit {} (limits.max_body_bytes)",
-                    d.body.len(),
-                    limits.max_body_bytes
-                ),
-            ));
-        }
-        if d.headers.len() > limits.max_headers {
-            return Err((
-                "too many headers",
-                format!(
-                    "{} headers, limit {} (limits.max_headers)",
-                    d.headers.len(),
-                    limits.max_headers
-                ),
-            ));
-        }
-        for (name, value) in &d.headers {
-            if name.starts_with(header::RESERVED_PREFIX) {
-                return Err((
-                    "forged header",
-                    format!("header {name:?} is reserved for Sluice and was set by the producer"),
-                ));
-            }
-            if !header::KNOWN.contains(&name.as_str()) && !name.starts_with(header::APP_PREFIX) {
-                return Err((
-                    "unknown header",
-                    format!("header {name:?} is not known (use x-* for application headers)"),
-                ));
-            }
-            if value.len() > limits.max_header_bytes {
-                return Err((
-                    "oversized header",
-                    format!(
-                        "header {name:?} is {} bytes, limit {} (limits.max_header_bytes)",
-                        value.len(),
-                        limits.max_header_bytes
-                    ),
-                ));
-            }
-        }
+        check_envelope(&d.body, &d.headers, &self.settings.limits)?;
         if let Some(default) = self.schema_versions.first() {
             // A message without the header is taken as the first (default) version.
             let v = d.headers.get(header::SCHEMA_VERSION).unwrap_or(default);

@@ -48,6 +48,7 @@ impl SqliteStore {
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
             let conn = open_sqlite(&path)?;
             conn.execute_batch(SCHEMA)?;
+            sweep_expired(&conn)?;
             Ok(conn)
         })
         .await??;
@@ -75,17 +76,22 @@ impl SqliteStore {
         .map_err(|e| Error::Store(e.to_string()))?
     }
 
-    /// Deletes expired records; returns how many.
+    /// Deletes expired records now; returns how many (claims also do it now and then).
     pub async fn sweep(&self) -> Result<usize> {
-        self.tx(|tx| {
-            tx.execute(
-                "DELETE FROM idempotency WHERE expires_at <= ?1",
-                params![unix_ms(SystemTime::now())],
-            )
-            .map_err(store_err)
-        })
-        .await
+        self.tx(|tx| sweep_expired(tx)).await
     }
+}
+
+/// One claim in this many also deletes expired records, so a long-running worker's file stays
+/// bounded without a separate sweeper (the `expires_at` index keeps it cheap).
+const SWEEP_EVERY: u32 = 1000;
+
+fn sweep_expired(conn: &Connection) -> Result<usize> {
+    conn.execute(
+        "DELETE FROM idempotency WHERE expires_at <= ?1",
+        params![unix_ms(SystemTime::now())],
+    )
+    .map_err(store_err)
 }
 
 fn store_err(e: rusqlite::Error) -> Error {
@@ -101,6 +107,9 @@ impl IdempotencyStore for SqliteStore {
         check_key(key)?;
         let (key, fp) = (key.to_owned(), fingerprint.to_owned());
         self.tx(move |tx| {
+            if rand::random::<u32>() % SWEEP_EVERY == 0 {
+                sweep_expired(tx)?;
+            }
             let now = unix_ms(SystemTime::now());
             let token: i64 = rand::random::<i64>() & i64::MAX;
             let lease_until = now + lease.as_millis() as i64;

@@ -163,6 +163,11 @@ impl EmbeddedTransport {
                 .execute(params![opts.function, reason, now, seq])?;
                 tx.prepare_cached("DELETE FROM messages WHERE seq = ?1")?
                     .execute(params![seq])?;
+                tracing::warn!(
+                    seq,
+                    receive_count,
+                    "crash-loop guard: dead-lettered a message that was never settled"
+                );
                 continue;
             }
             let d = tx

@@ -1,0 +1,254 @@
+//! The command line every function binary gets, driven as a user would: input from an
+//! argument, a file and stdin; JSON output; exit codes; configuration errors naming the key;
+//! poison payloads from fault injection.
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Output, Stdio},
+};
+
+use sluice_tests::{function_binary, Sandbox};
+
+const BODY: &str =
+    r#"{"payment_id":"p-{{seq}}","amount_cents":700,"currency":"EUR","customer":"c"}"#;
+
+fn run(sandbox: &Sandbox, bin: &Path, args: &[&str]) -> Output {
+    sandbox
+        .command(bin, args, "cli.log")
+        .unwrap()
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn ok(sandbox: &Sandbox, bin: &Path, args: &[&str]) -> String {
+    let out = run(sandbox, bin, args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(sandbox: &Sandbox, bin: &Path, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(sandbox, bin, args)).unwrap()
+}
+
+fn setup() -> (tempfile::TempDir, Sandbox, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(dir.path()).unwrap();
+    (dir, sandbox, function_binary("charge-payment").unwrap())
+}
+
+#[test]
+fn send_reads_the_body_from_an_argument_a_file_and_stdin() {
+    let (_dir, sb, bin) = setup();
+    ok(&sb, &bin, &["send", &BODY.replace("{{seq}}", "arg")]);
+    let file = sb.dir.join("body.json");
+    std::fs::write(&file, BODY.replace("{{seq}}", "file")).unwrap();
+    ok(&sb, &bin, &["send", "--file", file.to_str().unwrap()]);
+    let mut child = sb
+        .command(&bin, &["send"], "cli.log")
+        .unwrap()
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(BODY.replace("{{seq}}", "stdin").as_bytes())
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let stats = json(&sb, &bin, &["stats", "--json"]);
+    assert_eq!(stats["ready"], 3, "{stats}");
+    for key in ["in_flight", "delayed", "dead_lettered"] {
+        assert_eq!(stats[key], 0, "{stats}");
+    }
+}
+
+#[test]
+fn send_count_fills_the_seq_template_and_a_delayed_send_counts_as_delayed() {
+    let (_dir, sb, bin) = setup();
+    let out = ok(&sb, &bin, &["send", "--count", "25", BODY]);
+    assert!(out.contains("sent 25"), "{out}");
+    assert_eq!(json(&sb, &bin, &["stats", "--json"])["ready"], 25);
+    let out = ok(
+        &sb,
+        &bin,
+        &["run", "--drain", "--set", "transport.wait=100ms"],
+    );
+    assert!(out.is_empty(), "run prints nothing on stdout: {out}");
+    // 25 distinct payments were charged: the template made each body different.
+    let ledger = sluice_tests::ledger_counts(&sb.ledger_db()).unwrap();
+    assert_eq!(ledger.distinct_payments, 25);
+    ok(
+        &sb,
+        &bin,
+        &["send", "--delay", "1h", &BODY.replace("{{seq}}", "later")],
+    );
+    let stats = json(&sb, &bin, &["stats", "--json"]);
+    assert_eq!(
+        (stats["ready"].as_u64(), stats["delayed"].as_u64()),
+        (Some(0), Some(1))
+    );
+}
+
+#[test]
+fn poison_rate_corrupts_a_fraction_of_sent_bodies_and_each_is_dead_lettered_with_its_bytes() {
+    let (_dir, sb, bin) = setup();
+    ok(
+        &sb,
+        &bin,
+        &[
+            "send",
+            "--count",
+            "100",
+            "--set",
+            "fault.poison_rate=0.3",
+            BODY,
+        ],
+    );
+    ok(
+        &sb,
+        &bin,
+        &["run", "--drain", "--set", "transport.wait=100ms"],
+    );
+    let dlq = json(&sb, &bin, &["dlq", "list", "--limit", "1000", "--json"]);
+    let dead = dlq.as_array().unwrap();
+    let ledger = sluice_tests::ledger_counts(&sb.ledger_db()).unwrap();
+    assert!(
+        !dead.is_empty() && dead.len() < 100,
+        "about 30 of 100: {}",
+        dead.len()
+    );
+    assert_eq!(
+        dead.len() as u64 + ledger.charges,
+        100,
+        "every message either charged or dead-lettered"
+    );
+    for d in dead {
+        assert_eq!(d["error_class"], "permanent");
+        assert_eq!(d["attempts"], 1);
+        let hex = d["body_hex"]
+            .as_str()
+            .expect("a corrupted body is shown as hex");
+        assert!(hex.ends_with(
+            &"\u{ff}<poison>"
+                .bytes()
+                .skip(2)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ));
+        assert!(
+            d["last_error"].as_str().unwrap().contains("not UTF-8"),
+            "{d}"
+        );
+    }
+}
+
+#[test]
+fn dlq_json_and_redrive_filter_by_class_with_dry_run() {
+    let (_dir, sb, bin) = setup();
+    ok(&sb, &bin, &["send", "this is not json"]);
+    ok(&sb, &bin, &["send", &BODY.replace("{{seq}}", "ok")]);
+    ok(
+        &sb,
+        &bin,
+        &["run", "--drain", "--set", "transport.wait=100ms"],
+    );
+    let dlq = json(&sb, &bin, &["dlq", "list", "--json"]);
+    let item = &dlq.as_array().unwrap()[0];
+    for key in ["id", "attempts", "error_class", "last_error", "body"] {
+        assert!(
+            item.get(key).is_some(),
+            "dlq list --json item has {key}: {item}"
+        );
+    }
+    assert_eq!(item["body"], "this is not json");
+    let id = item["id"].as_str().unwrap();
+    let shown = json(&sb, &bin, &["dlq", "show", id, "--json"]);
+    assert_eq!(shown["id"], id);
+    assert_eq!(shown["original_queue"], "charge-payment");
+
+    let transient = json(
+        &sb,
+        &bin,
+        &["redrive", "--error-class", "transient", "--json"],
+    );
+    assert_eq!(transient.as_array().unwrap().len(), 0, "class filter");
+    let dry = json(&sb, &bin, &["redrive", "--dry-run", "--json"]);
+    assert_eq!(dry.as_array().unwrap().len(), 1);
+    assert_eq!(
+        json(&sb, &bin, &["stats", "--json"])["dead_lettered"],
+        1,
+        "dry run moves nothing"
+    );
+    let moved = json(
+        &sb,
+        &bin,
+        &["redrive", "--error-class", "permanent", "--json"],
+    );
+    assert_eq!(moved.as_array().unwrap().len(), 1);
+    let stats = json(&sb, &bin, &["stats", "--json"]);
+    assert_eq!(
+        (stats["ready"].as_u64(), stats["dead_lettered"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(
+        json(&sb, &bin, &["dlq", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn exit_codes_follow_the_documented_table() {
+    let (_dir, sb, bin) = setup();
+    // 3: not found.
+    let out = run(&sb, &bin, &["dlq", "show", "no-such-id"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter with id no-such-id"));
+    // 4: the handler failed under invoke (permanent: zero amount), with the class named.
+    let out = run(
+        &sb,
+        &bin,
+        &[
+            "invoke",
+            r#"{"payment_id":"p","amount_cents":0,"currency":"EUR","customer":"c"}"#,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(permanent)"));
+    // 0: invoke prints the handler's output.
+    let out = ok(&sb, &bin, &["invoke", &BODY.replace("{{seq}}", "inv")]);
+    let receipt: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(receipt["payment_id"], "p-inv");
+    // 2: bad configuration, naming the key, from a flag and from the environment.
+    let out = run(&sb, &bin, &["stats", "--set", "worker.concurency=2"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("worker.concurency") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = Command::new(&bin)
+        .args(["stats"])
+        .envs(sb.env())
+        .env("SLUICE__RETRY__MAX_DELIVERIES", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("retry.max_deliveries"));
+    // 2: usage errors (clap).
+    assert_eq!(run(&sb, &bin, &["frobnicate"]).status.code(), Some(2));
+}
+
+#[test]
+fn the_function_section_is_validated_at_start_naming_the_key() {
+    let (_dir, sb, bin) = setup();
+    let out = run(&sb, &bin, &["stats", "--set", "app.failure_rte=0.5"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("app.failure_rte"), "{err}");
+}
