@@ -120,6 +120,17 @@ pub enum TransportKind {
     Sqs,
 }
 
+impl TransportKind {
+    /// The configuration name (`embedded`, `rabbitmq`, `sqs`), also the cargo feature's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Embedded => "embedded",
+            TransportKind::Rabbitmq => "rabbitmq",
+            TransportKind::Sqs => "sqs",
+        }
+    }
+}
+
 /// `[transport]`
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +176,19 @@ pub enum StoreKind {
     Redis,
     /// S3 conditional writes (feature `s3`).
     S3,
+}
+
+impl StoreKind {
+    /// The configuration name (`sqlite`, `postgres`, ...), also the cargo feature's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::None => "none",
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+            StoreKind::Redis => "redis",
+            StoreKind::S3 => "s3",
+        }
+    }
 }
 
 /// `[store]`

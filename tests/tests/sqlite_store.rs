@@ -68,3 +68,8 @@ async fn oversized_output_is_refused() {
 async fn odd_keys_are_safe_and_distinct() {
     suite::odd_keys_are_safe_and_distinct(make).await;
 }
+
+#[tokio::test]
+async fn claim_many_answers_like_single_claims() {
+    suite::claim_many_answers_like_single_claims(make).await;
+}

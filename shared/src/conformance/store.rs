@@ -10,7 +10,7 @@ use tokio::sync::Barrier;
 use super::{poll_until, unique};
 use crate::{
     error::Error,
-    store::{Claim, IdempotencyStore},
+    store::{Claim, ClaimRequest, IdempotencyStore},
 };
 
 /// The output size limit the harness must configure.
@@ -300,4 +300,66 @@ where
             "key {key:?}"
         );
     }
+}
+
+/// A batch claim answers, per key and in order, what single claims would: fresh keys are
+/// acquired, completed ones replay their output, live leases are in progress, reused keys with
+/// another payload are mismatches.
+pub async fn claim_many_answers_like_single_claims<S, F, Fut>(make: F)
+where
+    S: IdempotencyStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let s = make().await;
+    let (done, busy, other, fresh) = (
+        unique("m-done"),
+        unique("m-busy"),
+        unique("m-fp"),
+        unique("m-new"),
+    );
+    let Claim::Acquired(t) = s.claim(&done, "fp", LONG).await.unwrap() else {
+        panic!("fresh key must be acquired")
+    };
+    s.complete(&done, t, b"stored", LONG).await.unwrap();
+    assert!(matches!(
+        s.claim(&busy, "fp", LONG).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+    assert!(matches!(
+        s.claim(&other, "fp-a", LONG).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+    let req = |key: &str, fp: &str| ClaimRequest {
+        key: key.to_owned(),
+        fingerprint: fp.to_owned(),
+    };
+    let got = make()
+        .await
+        .claim_many(
+            &[
+                req(&fresh, "fp"),
+                req(&done, "fp"),
+                req(&busy, "fp"),
+                req(&other, "fp-b"),
+            ],
+            LONG,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    assert!(matches!(got[0], Claim::Acquired(_)), "{:?}", got[0]);
+    assert_eq!(got[1], Claim::Completed(b"stored".to_vec()));
+    assert!(matches!(got[2], Claim::InProgress(_)), "{:?}", got[2]);
+    assert_eq!(got[3], Claim::FingerprintMismatch);
+    let Claim::Acquired(t) = got[0] else {
+        unreachable!()
+    };
+    s.complete(&fresh, t, b"batched", LONG)
+        .await
+        .expect("a batch claim's token completes");
+    assert!(
+        make().await.claim_many(&[], LONG).await.unwrap().is_empty(),
+        "an empty batch is fine"
+    );
 }

@@ -4,6 +4,12 @@
 //! output, record expiry (TTL) and a fencing token. Every backend passes
 //! `conformance::store`. See docs/idempotency.md for the states.
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "s3")]
+pub mod s3;
 #[cfg(feature = "embedded")]
 pub mod sqlite;
 
@@ -25,6 +31,15 @@ pub const MAX_KEY_BYTES: usize = 512;
 /// took over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token(pub i64);
+
+/// One key to claim in [`IdempotencyStore::claim_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The idempotency key.
+    pub key: String,
+    /// The payload fingerprint.
+    pub fingerprint: String,
+}
 
 /// The outcome of a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +63,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         fingerprint: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Claim>> + Send;
+    /// Claims several distinct keys in one round trip where the backend allows it (PostgreSQL
+    /// multi-row statement, Redis pipeline, one SQLite transaction); the answers are in input
+    /// order and each is what `claim` would have answered. Callers never repeat a key within
+    /// one call (the worker's claim batcher splits such batches), so backends may rely on it.
+    fn claim_many(
+        &self,
+        items: &[ClaimRequest],
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Claim>>> + Send;
     /// Marks the record completed with the output, kept for `ttl`. `StaleToken` if not ours.
     fn complete(
         &self,
@@ -91,6 +115,15 @@ pub enum AnyStore {
     /// SQLite file.
     #[cfg(feature = "embedded")]
     Sqlite(sqlite::SqliteStore),
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PostgresStore),
+    /// Redis.
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisStore),
+    /// S3 conditional writes.
+    #[cfg(feature = "s3")]
+    S3(s3::S3Store),
 }
 
 impl AnyStore {
@@ -103,8 +136,25 @@ impl AnyStore {
                 sqlite::SqliteStore::open(&settings.store.url, settings.store.max_output_bytes)
                     .await?,
             ))),
+            #[cfg(feature = "postgres")]
+            StoreKind::Postgres => Ok(Some(AnyStore::Postgres(
+                postgres::PostgresStore::open(&settings.store.url, settings.store.max_output_bytes)
+                    .await?,
+            ))),
+            #[cfg(feature = "redis")]
+            StoreKind::Redis => Ok(Some(AnyStore::Redis(
+                redis::RedisStore::open(&settings.store.url, settings.store.max_output_bytes)
+                    .await?,
+            ))),
+            #[cfg(feature = "s3")]
+            StoreKind::S3 => Ok(Some(AnyStore::S3(
+                s3::S3Store::open(&settings.store.url, settings.store.max_output_bytes).await?,
+            ))),
+            #[allow(unreachable_patterns)]
             other => Err(Error::Config(format!(
-                "key `store.kind`: {other:?} is not built into this binary (enable the cargo feature of sluice)"
+                "key `store.kind`: {} is not built into this binary (enable the cargo feature `{}` of sluice)",
+                other.name(),
+                other.name()
             ))),
         }
     }
@@ -115,6 +165,12 @@ macro_rules! delegate {
         match $self {
             #[cfg(feature = "embedded")]
             AnyStore::Sqlite($s) => $e,
+            #[cfg(feature = "postgres")]
+            AnyStore::Postgres($s) => $e,
+            #[cfg(feature = "redis")]
+            AnyStore::Redis($s) => $e,
+            #[cfg(feature = "s3")]
+            AnyStore::S3($s) => $e,
         }
     };
 }
@@ -122,6 +178,9 @@ macro_rules! delegate {
 impl IdempotencyStore for AnyStore {
     async fn claim(&self, key: &str, fingerprint: &str, lease: Duration) -> Result<Claim> {
         delegate!(self, s => s.claim(key, fingerprint, lease).await)
+    }
+    async fn claim_many(&self, items: &[ClaimRequest], lease: Duration) -> Result<Vec<Claim>> {
+        delegate!(self, s => s.claim_many(items, lease).await)
     }
     async fn complete(&self, key: &str, token: Token, output: &[u8], ttl: Duration) -> Result<()> {
         delegate!(self, s => s.complete(key, token, output, ttl).await)

@@ -10,7 +10,7 @@ use std::{
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{check_key, Claim, IdempotencyStore, Token};
+use super::{check_key, Claim, ClaimRequest, IdempotencyStore, Token};
 use crate::{
     error::{Error, Result},
     message::unix_ms,
@@ -94,6 +94,54 @@ fn sweep_expired(conn: &Connection) -> Result<usize> {
     .map_err(store_err)
 }
 
+/// The claim, inside a transaction: insert, or take over a record whose TTL ran out, or whose
+/// lease ran out while in progress with the same payload; anything else leaves the row alone.
+fn claim_in(tx: &rusqlite::Transaction<'_>, key: &str, fp: &str, lease: Duration) -> Result<Claim> {
+    if rand::random::<u32>() % SWEEP_EVERY == 0 {
+        sweep_expired(tx)?;
+    }
+    let now = unix_ms(SystemTime::now());
+    let token: i64 = rand::random::<i64>() & i64::MAX;
+    let lease_until = now + lease.as_millis() as i64;
+    let expires = now + IN_PROGRESS_TTL.as_millis() as i64;
+    let won = tx
+        .query_row(
+            "INSERT INTO idempotency (key, state, token, fingerprint, lease_until, output, expires_at)
+             VALUES (?1, 'in_progress', ?2, ?3, ?4, NULL, ?5)
+             ON CONFLICT (key) DO UPDATE SET
+                 state = 'in_progress', token = excluded.token,
+                 fingerprint = excluded.fingerprint, lease_until = excluded.lease_until,
+                 output = NULL, expires_at = excluded.expires_at
+             WHERE idempotency.expires_at <= ?6
+                OR (idempotency.state = 'in_progress' AND idempotency.lease_until <= ?6
+                    AND idempotency.fingerprint = excluded.fingerprint)
+             RETURNING token",
+            params![key, token, fp, lease_until, expires, now],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map_err(store_err)?;
+    if let Some(t) = won {
+        return Ok(Claim::Acquired(Token(t)));
+    }
+    let (state, stored_fp, lease_until, output): (String, String, i64, Option<Vec<u8>>) = tx
+        .query_row(
+            "SELECT state, fingerprint, lease_until, output FROM idempotency WHERE key = ?1",
+            params![key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .map_err(store_err)?;
+    if stored_fp != fp {
+        return Ok(Claim::FingerprintMismatch);
+    }
+    if state == "completed" {
+        return Ok(Claim::Completed(output.unwrap_or_default()));
+    }
+    Ok(Claim::InProgress(Duration::from_millis(
+        (lease_until - now).max(0) as u64,
+    )))
+}
+
 fn store_err(e: rusqlite::Error) -> Error {
     Error::Store(format!("sqlite: {e}"))
 }
@@ -106,52 +154,20 @@ impl IdempotencyStore for SqliteStore {
     async fn claim(&self, key: &str, fingerprint: &str, lease: Duration) -> Result<Claim> {
         check_key(key)?;
         let (key, fp) = (key.to_owned(), fingerprint.to_owned());
+        self.tx(move |tx| claim_in(tx, &key, &fp, lease)).await
+    }
+
+    async fn claim_many(&self, items: &[ClaimRequest], lease: Duration) -> Result<Vec<Claim>> {
+        for item in items {
+            check_key(&item.key)?;
+        }
+        let items = items.to_vec();
+        // One transaction for the batch: one lock acquisition and one commit.
         self.tx(move |tx| {
-            if rand::random::<u32>() % SWEEP_EVERY == 0 {
-                sweep_expired(tx)?;
-            }
-            let now = unix_ms(SystemTime::now());
-            let token: i64 = rand::random::<i64>() & i64::MAX;
-            let lease_until = now + lease.as_millis() as i64;
-            let expires = now + IN_PROGRESS_TTL.as_millis() as i64;
-            // Insert, or take over a record whose TTL ran out, or whose lease ran out while
-            // in progress with the same payload. Anything else leaves the row alone.
-            let won = tx
-                .query_row(
-                    "INSERT INTO idempotency (key, state, token, fingerprint, lease_until, output, expires_at)
-                     VALUES (?1, 'in_progress', ?2, ?3, ?4, NULL, ?5)
-                     ON CONFLICT (key) DO UPDATE SET
-                         state = 'in_progress', token = excluded.token,
-                         fingerprint = excluded.fingerprint, lease_until = excluded.lease_until,
-                         output = NULL, expires_at = excluded.expires_at
-                     WHERE idempotency.expires_at <= ?6
-                        OR (idempotency.state = 'in_progress' AND idempotency.lease_until <= ?6
-                            AND idempotency.fingerprint = excluded.fingerprint)
-                     RETURNING token",
-                    params![key, token, fp, lease_until, expires, now],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()
-                .map_err(store_err)?;
-            if let Some(t) = won {
-                return Ok(Claim::Acquired(Token(t)));
-            }
-            let (state, stored_fp, lease_until, output): (String, String, i64, Option<Vec<u8>>) = tx
-                .query_row(
-                    "SELECT state, fingerprint, lease_until, output FROM idempotency WHERE key = ?1",
-                    params![key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .map_err(store_err)?;
-            if stored_fp != fp {
-                return Ok(Claim::FingerprintMismatch);
-            }
-            if state == "completed" {
-                return Ok(Claim::Completed(output.unwrap_or_default()));
-            }
-            Ok(Claim::InProgress(Duration::from_millis(
-                (lease_until - now).max(0) as u64,
-            )))
+            items
+                .iter()
+                .map(|i| claim_in(tx, &i.key, &i.fingerprint, lease))
+                .collect()
         })
         .await
     }

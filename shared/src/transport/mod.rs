@@ -110,8 +110,11 @@ impl AnyTransport {
             TransportKind::Embedded => Ok(AnyTransport::Embedded(
                 embedded::EmbeddedTransport::open(opts).await?,
             )),
+            #[allow(unreachable_patterns)]
             other => Err(Error::Config(format!(
-                "key `transport.kind`: {other:?} is not built into this binary (enable the cargo feature of sluice)"
+                "key `transport.kind`: {} is not built into this binary (enable the cargo feature `{}` of sluice)",
+                other.name(),
+                other.name()
             ))),
         }
     }
