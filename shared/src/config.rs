@@ -88,6 +88,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("ttl", &self.ttl)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("fail_open", &self.fail_open)
+            .field("cache_entries", &self.cache_entries)
             .finish()
     }
 }
@@ -207,6 +208,9 @@ pub struct StoreSettings {
     /// Run the handler unclaimed when the store is down (logged on every message). Off: the
     /// message is retried instead and the handler never runs unclaimed.
     pub fail_open: bool,
+    /// Completed keys remembered in the worker's memory (0 = off), so duplicates of recent
+    /// work are answered without a store round trip.
+    pub cache_entries: usize,
 }
 
 impl Default for StoreSettings {
@@ -217,6 +221,7 @@ impl Default for StoreSettings {
             ttl: Duration::from_secs(24 * 3600),
             max_output_bytes: 64 * 1024,
             fail_open: false,
+            cache_entries: 0,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     handler::Handler,
     ratelimit::RateLimiter,
     retry::RetryPolicy,
-    store::AnyStore,
+    store::{front::StoreFront, AnyStore},
     telemetry::Metrics,
     transport::AnyTransport,
     worker::{KeyFn, Runtime},
@@ -127,7 +127,9 @@ where
                 })?,
         };
         let transport = AnyTransport::open(&self.name, &settings).await?;
-        let store = AnyStore::open(&settings).await?;
+        let store = AnyStore::open(&settings)
+            .await?
+            .map(|s| StoreFront::new(s, settings.store.cache_entries, settings.store.ttl));
         Ok(Runtime {
             function: self.name,
             policy: RetryPolicy::new(settings.retry.clone()),

@@ -31,7 +31,7 @@ use crate::{
     message::{check_envelope, header, Delivery, Failure, FailureClass},
     ratelimit::RateLimiter,
     retry::RetryPolicy,
-    store::{fingerprint, AnyStore, Claim, IdempotencyStore, Token},
+    store::{fingerprint, front::StoreFront, Claim, IdempotencyStore, Token},
     telemetry::{inc, Metrics, RunSummary},
     transport::{AnyTransport, Transport},
 };
@@ -51,7 +51,7 @@ pub struct Runtime<T, S, H> {
     pub(crate) function: String,
     pub(crate) settings: Settings,
     pub(crate) transport: AnyTransport,
-    pub(crate) store: Option<AnyStore>,
+    pub(crate) store: Option<StoreFront>,
     pub(crate) handler: H,
     pub(crate) state: Arc<S>,
     pub(crate) key_fn: Option<KeyFn<T>>,
@@ -79,8 +79,9 @@ enum Verdict {
     Abandon,
 }
 
-/// The idempotency claim held while the handler runs (shared with the lease keeper).
-type HeldClaim = Mutex<Option<(String, Token)>>;
+/// The idempotency claim held while the handler runs (shared with the lease keeper):
+/// key, payload fingerprint, fencing token.
+type HeldClaim = Mutex<Option<(String, String, Token)>>;
 
 /// Options of one `run`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -338,9 +339,10 @@ where
         // 3. Claim the record.
         if let Some(store) = &self.store {
             let lease = self.settings.transport.lease;
-            match store.claim(&key, &fingerprint(&d.body), lease).await {
+            let fp = fingerprint(&d.body);
+            match store.claim(&key, &fp, lease).await {
                 Ok(Claim::Acquired(token)) => {
-                    *held.lock().expect("claim lock") = Some((key.clone(), token));
+                    *held.lock().expect("claim lock") = Some((key.clone(), fp, token));
                 }
                 Ok(Claim::Completed(_)) => return Verdict::Ack { duplicate: true },
                 Ok(Claim::InProgress(remaining)) => {
@@ -413,9 +415,9 @@ where
             Ok(output) => {
                 self.breaker.on_success();
                 let claim = held.lock().expect("claim lock").take();
-                if let (Some(store), Some((key, token))) = (&self.store, claim) {
+                if let (Some(store), Some((key, fp, token))) = (&self.store, claim) {
                     if let Err(e) = store
-                        .complete(&key, token, &output, self.settings.store.ttl)
+                        .complete(&key, &fp, token, &output, self.settings.store.ttl)
                         .await
                     {
                         // The effect happened; acking is right. A duplicate arriving later may
@@ -608,8 +610,8 @@ where
                 break;
             }
             let claim = held.lock().expect("claim lock").clone();
-            if let (Some(store), Some((key, token))) = (&self.store, claim) {
-                if let Err(e) = store.extend(&key, token, lease).await {
+            if let (Some(store), Some((key, _, token))) = (&self.store, claim) {
+                if let Err(e) = store.store().extend(&key, token, lease).await {
                     tracing::warn!(error = %e, "lost the idempotency lease; cancelling the handler");
                     cancel.cancel();
                     break;
@@ -622,8 +624,8 @@ where
 
     async fn release_claim(&self, held: &HeldClaim) {
         let claim = held.lock().expect("claim lock").take();
-        if let (Some(store), Some((key, token))) = (&self.store, claim) {
-            if let Err(e) = store.release(&key, token).await {
+        if let (Some(store), Some((key, _, token))) = (&self.store, claim) {
+            if let Err(e) = store.store().release(&key, token).await {
                 tracing::warn!(error = %e, "could not release the idempotency record; it frees itself when its lease ends");
             }
         }

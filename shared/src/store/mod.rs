@@ -4,6 +4,7 @@
 //! output, record expiry (TTL) and a fencing token. Every backend passes
 //! `conformance::store`. See docs/idempotency.md for the states.
 
+pub mod front;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

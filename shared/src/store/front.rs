@@ -1,0 +1,206 @@
+//! What the worker puts in front of a store: a claim batcher, so that the claims of messages
+//! arriving together cost one round trip (`claim_many`), and an optional bounded cache of
+//! completed keys, so that duplicates of recent work cost none.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AnyStore, Claim, ClaimRequest, IdempotencyStore, Token};
+use crate::error::{Error, Result};
+
+/// Most claims sent in one `claim_many` call.
+const MAX_BATCH: usize = 64;
+
+struct Pending {
+    req: ClaimRequest,
+    lease: Duration,
+    reply: oneshot::Sender<Result<Claim>>,
+}
+
+/// The store as the pipeline uses it.
+pub struct StoreFront {
+    store: Arc<AnyStore>,
+    claims: mpsc::UnboundedSender<Pending>,
+    cache: Option<CompletedCache>,
+}
+
+impl StoreFront {
+    /// Starts the batcher task (needs a tokio runtime). `cache_entries = 0` turns the cache off.
+    pub fn new(store: AnyStore, cache_entries: usize, cache_ttl: Duration) -> Self {
+        let store = Arc::new(store);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batch_claims(store.clone(), rx));
+        Self {
+            store,
+            claims: tx,
+            cache: (cache_entries > 0).then(|| CompletedCache::new(cache_entries, cache_ttl)),
+        }
+    }
+
+    /// The store behind the front.
+    pub fn store(&self) -> &AnyStore {
+        &self.store
+    }
+
+    /// Claims through the cache, then the batcher.
+    pub async fn claim(&self, key: &str, fingerprint: &str, lease: Duration) -> Result<Claim> {
+        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(key, fingerprint)) {
+            return Ok(hit);
+        }
+        let (reply, answer) = oneshot::channel();
+        let req = ClaimRequest {
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+        };
+        self.claims
+            .send(Pending { req, lease, reply })
+            .map_err(|_| Error::Store("the claim batcher has stopped".into()))?;
+        let claim = answer
+            .await
+            .map_err(|_| Error::Store("the claim batcher dropped a claim".into()))??;
+        if let (Some(cache), Claim::Completed(output)) = (&self.cache, &claim) {
+            cache.put(key, fingerprint, output);
+        }
+        Ok(claim)
+    }
+
+    /// Completes the record (and remembers it in the cache).
+    pub async fn complete(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        token: Token,
+        output: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        self.store.complete(key, token, output, ttl).await?;
+        if let Some(cache) = &self.cache {
+            cache.put(key, fingerprint, output);
+        }
+        Ok(())
+    }
+}
+
+/// Takes whatever claims are waiting (up to MAX_BATCH) and sends them as one batch. Under load
+/// batches fill while the previous one is in flight; when idle a claim goes alone at once, so
+/// batching adds no latency.
+async fn batch_claims(store: Arc<AnyStore>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiting = vec![first];
+        while waiting.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => waiting.push(p),
+                Err(_) => break,
+            }
+        }
+        // A key may appear only once per call: a repeat waits for the next round, where it
+        // sees the first one's claim.
+        while !waiting.is_empty() {
+            let mut seen = HashSet::new();
+            let (round, later): (Vec<Pending>, Vec<Pending>) = waiting
+                .into_iter()
+                .partition(|p| seen.insert(p.req.key.clone()));
+            waiting = later;
+            // All claims of one worker carry the same lease (transport.lease).
+            let lease = round[0].lease;
+            let reqs: Vec<ClaimRequest> = round.iter().map(|p| p.req.clone()).collect();
+            match store.claim_many(&reqs, lease).await {
+                Ok(claims) => {
+                    for (p, c) in round.into_iter().zip(claims) {
+                        let _ = p.reply.send(Ok(c));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for p in round {
+                        let _ = p.reply.send(Err(Error::Store(msg.clone())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Key -> (fingerprint, output, valid until), and keys oldest first.
+type CacheMaps = (HashMap<String, (String, Vec<u8>, Instant)>, VecDeque<String>);
+
+/// A bounded cache of completed records (oldest evicted first). Only completed records are
+/// cached: they never change until they expire, so a hit is as good as the store's answer.
+struct CompletedCache {
+    max: usize,
+    ttl: Duration,
+    inner: Mutex<CacheMaps>,
+}
+
+impl CompletedCache {
+    fn new(max: usize, ttl: Duration) -> Self {
+        Self {
+            max,
+            ttl,
+            inner: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    fn get(&self, key: &str, fingerprint: &str) -> Option<Claim> {
+        let g = self.inner.lock().expect("cache lock");
+        let (fp, output, until) = g.0.get(key)?;
+        if Instant::now() >= *until {
+            return None;
+        }
+        Some(if fp == fingerprint {
+            Claim::Completed(output.clone())
+        } else {
+            Claim::FingerprintMismatch
+        })
+    }
+
+    fn put(&self, key: &str, fingerprint: &str, output: &[u8]) {
+        let mut g = self.inner.lock().expect("cache lock");
+        let (map, order) = &mut *g;
+        let entry = (
+            fingerprint.to_owned(),
+            output.to_vec(),
+            Instant::now() + self.ttl,
+        );
+        if map.insert(key.to_owned(), entry).is_none() {
+            order.push_back(key.to_owned());
+        }
+        while map.len() > self.max {
+            match order.pop_front() {
+                Some(old) => {
+                    map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_answers_completed_or_mismatch_and_evicts_the_oldest() {
+        let c = CompletedCache::new(2, Duration::from_secs(60));
+        c.put("a", "fa", b"1");
+        c.put("b", "fb", b"2");
+        assert_eq!(c.get("a", "fa"), Some(Claim::Completed(b"1".to_vec())));
+        assert_eq!(c.get("a", "other"), Some(Claim::FingerprintMismatch));
+        c.put("c", "fc", b"3");
+        assert_eq!(c.get("a", "fa"), None, "oldest evicted");
+        assert!(c.get("b", "fb").is_some() && c.get("c", "fc").is_some());
+    }
+
+    #[test]
+    fn cache_entries_expire_with_the_record_ttl() {
+        let c = CompletedCache::new(10, Duration::ZERO);
+        c.put("a", "fa", b"1");
+        assert_eq!(c.get("a", "fa"), None);
+    }
+}
