@@ -11,11 +11,21 @@ demo *args:
     cargo build --release --quiet -p charge-payment
     cargo run --release --quiet -p sluice-tests --bin demo -- {{args}}
 
-# Everything CI checks: format, lints, unit tests, conformance suites, functions, end-to-end.
+# Everything CI checks: format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
 test: lint
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/services.sh postgres redis rabbitmq
+    eval "$(scripts/moto.sh start)"
+    trap 'scripts/moto.sh stop' EXIT
     cargo build --workspace --bins
     cargo nextest run --workspace --no-fail-fast
     cargo test --doc --workspace --quiet
+
+# Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto; prints the AWS variables to export.
+emulators:
+    scripts/services.sh postgres redis rabbitmq
+    scripts/moto.sh start
 
 # Format check and clippy with warnings as errors.
 lint:

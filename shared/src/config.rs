@@ -89,6 +89,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("max_output_bytes", &self.max_output_bytes)
             .field("fail_open", &self.fail_open)
             .field("cache_entries", &self.cache_entries)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -211,6 +212,9 @@ pub struct StoreSettings {
     /// Completed keys remembered in the worker's memory (0 = off), so duplicates of recent
     /// work are answered without a store round trip.
     pub cache_entries: usize,
+    /// Longest wait for one store call; a store slower than this counts as unavailable.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for StoreSettings {
@@ -222,6 +226,7 @@ impl Default for StoreSettings {
             max_output_bytes: 64 * 1024,
             fail_open: false,
             cache_entries: 0,
+            timeout: Duration::from_secs(5),
         }
     }
 }

@@ -127,9 +127,14 @@ where
                 })?,
         };
         let transport = AnyTransport::open(&self.name, &settings).await?;
-        let store = AnyStore::open(&settings)
-            .await?
-            .map(|s| StoreFront::new(s, settings.store.cache_entries, settings.store.ttl));
+        let store = AnyStore::open(&settings).await?.map(|s| {
+            StoreFront::new(
+                s,
+                settings.store.cache_entries,
+                settings.store.ttl,
+                settings.store.timeout,
+            )
+        });
         Ok(Runtime {
             function: self.name,
             policy: RetryPolicy::new(settings.retry.clone()),

@@ -31,7 +31,7 @@ use crate::{
     message::{check_envelope, header, Delivery, Failure, FailureClass},
     ratelimit::RateLimiter,
     retry::RetryPolicy,
-    store::{fingerprint, front::StoreFront, Claim, IdempotencyStore, Token},
+    store::{fingerprint, front::StoreFront, Claim, Token},
     telemetry::{inc, Metrics, RunSummary},
     transport::{AnyTransport, Transport},
 };
@@ -611,7 +611,7 @@ where
             }
             let claim = held.lock().expect("claim lock").clone();
             if let (Some(store), Some((key, _, token))) = (&self.store, claim) {
-                if let Err(e) = store.store().extend(&key, token, lease).await {
+                if let Err(e) = store.extend(&key, token, lease).await {
                     tracing::warn!(error = %e, "lost the idempotency lease; cancelling the handler");
                     cancel.cancel();
                     break;
@@ -625,7 +625,7 @@ where
     async fn release_claim(&self, held: &HeldClaim) {
         let claim = held.lock().expect("claim lock").take();
         if let (Some(store), Some((key, _, token))) = (&self.store, claim) {
-            if let Err(e) = store.store().release(&key, token).await {
+            if let Err(e) = store.release(&key, token).await {
                 tracing::warn!(error = %e, "could not release the idempotency record; it frees itself when its lease ends");
             }
         }

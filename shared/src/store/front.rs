@@ -27,11 +27,18 @@ pub struct StoreFront {
     store: Arc<AnyStore>,
     claims: mpsc::UnboundedSender<Pending>,
     cache: Option<CompletedCache>,
+    timeout: Duration,
 }
 
 impl StoreFront {
-    /// Starts the batcher task (needs a tokio runtime). `cache_entries = 0` turns the cache off.
-    pub fn new(store: AnyStore, cache_entries: usize, cache_ttl: Duration) -> Self {
+    /// Starts the batcher task (needs a tokio runtime). `cache_entries = 0` turns the cache off;
+    /// every call gives up with `Error::Timeout` after `timeout`.
+    pub fn new(
+        store: AnyStore,
+        cache_entries: usize,
+        cache_ttl: Duration,
+        timeout: Duration,
+    ) -> Self {
         let store = Arc::new(store);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(batch_claims(store.clone(), rx));
@@ -39,12 +46,30 @@ impl StoreFront {
             store,
             claims: tx,
             cache: (cache_entries > 0).then(|| CompletedCache::new(cache_entries, cache_ttl)),
+            timeout,
         }
+    }
+
+    /// Bounds a store call: a store that does not answer is treated as down.
+    async fn bounded<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| Error::Timeout(self.timeout))?
     }
 
     /// The store behind the front.
     pub fn store(&self) -> &AnyStore {
         &self.store
+    }
+
+    /// Extends our lease on the record.
+    pub async fn extend(&self, key: &str, token: Token, lease: Duration) -> Result<()> {
+        self.bounded(self.store.extend(key, token, lease)).await
+    }
+
+    /// Releases our in-progress record.
+    pub async fn release(&self, key: &str, token: Token) -> Result<()> {
+        self.bounded(self.store.release(key, token)).await
     }
 
     /// Claims through the cache, then the batcher.
@@ -60,9 +85,13 @@ impl StoreFront {
         self.claims
             .send(Pending { req, lease, reply })
             .map_err(|_| Error::Store("the claim batcher has stopped".into()))?;
-        let claim = answer
-            .await
-            .map_err(|_| Error::Store("the claim batcher dropped a claim".into()))??;
+        let claim = self
+            .bounded(async {
+                answer
+                    .await
+                    .map_err(|_| Error::Store("the claim batcher dropped a claim".into()))?
+            })
+            .await?;
         if let (Some(cache), Claim::Completed(output)) = (&self.cache, &claim) {
             cache.put(key, fingerprint, output);
         }
@@ -78,7 +107,8 @@ impl StoreFront {
         output: &[u8],
         ttl: Duration,
     ) -> Result<()> {
-        self.store.complete(key, token, output, ttl).await?;
+        self.bounded(self.store.complete(key, token, output, ttl))
+            .await?;
         if let Some(cache) = &self.cache {
             cache.put(key, fingerprint, output);
         }
@@ -127,7 +157,10 @@ async fn batch_claims(store: Arc<AnyStore>, mut rx: mpsc::UnboundedReceiver<Pend
 }
 
 /// Key -> (fingerprint, output, valid until), and keys oldest first.
-type CacheMaps = (HashMap<String, (String, Vec<u8>, Instant)>, VecDeque<String>);
+type CacheMaps = (
+    HashMap<String, (String, Vec<u8>, Instant)>,
+    VecDeque<String>,
+);
 
 /// A bounded cache of completed records (oldest evicted first). Only completed records are
 /// cached: they never change until they expire, so a hit is as good as the store's answer.
