@@ -22,6 +22,16 @@ test: lint
     cargo nextest run --workspace --no-fail-fast
     cargo test --doc --workspace --quiet
 
+# Benchmarks against a baseline in the same run: `just bench stores [--json]`.
+bench what *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/services.sh postgres redis rabbitmq >&2
+    eval "$(scripts/moto.sh start)"
+    trap 'scripts/moto.sh stop' EXIT
+    cargo build --release --quiet -p sluice-tests --bin bench
+    cargo run --release --quiet -p sluice-tests --bin bench -- {{what}} {{args}}
+
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto; prints the AWS variables to export.
 emulators:
     scripts/services.sh postgres redis rabbitmq

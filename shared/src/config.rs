@@ -369,6 +369,9 @@ pub struct FaultSettings {
     pub latency: Duration,
     /// Fraction of messages sent by `send` whose body is corrupted (not UTF-8, not JSON).
     pub poison_rate: f64,
+    /// Fraction of successful handler calls after which the process aborts before recording
+    /// the outcome: the crash between an effect and its ack, for drills and tests.
+    pub crash_rate: f64,
 }
 
 /// Log format.
@@ -468,6 +471,7 @@ impl Settings {
             ("fault.failure_rate", self.fault.failure_rate),
             ("fault.panic_rate", self.fault.panic_rate),
             ("fault.poison_rate", self.fault.poison_rate),
+            ("fault.crash_rate", self.fault.crash_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return bad(key, "must be between 0 and 1");

@@ -80,6 +80,46 @@ pub struct Context<S = ()> {
     pub(crate) idempotency_key: String,
     pub(crate) cancel: CancellationToken,
     pub(crate) state: Arc<S>,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) effects: Effects,
+}
+
+/// The message's effects transaction on the idempotency store's database: opened by the
+/// handler on first use (`Context::postgres`), committed by the runtime together with the
+/// record's completion, rolled back on any failure. Empty unless `store.kind = "postgres"`.
+#[derive(Clone, Default)]
+pub(crate) struct Effects {
+    #[cfg(feature = "postgres")]
+    pub(crate) pg: Option<PgEffectsCell>,
+}
+
+/// The store to begin on, and the transaction once begun.
+#[cfg(feature = "postgres")]
+pub(crate) type PgEffectsCell = (
+    crate::store::postgres::PostgresStore,
+    Arc<tokio::sync::Mutex<Option<crate::store::postgres::PgEffects>>>,
+);
+
+impl Effects {
+    /// Takes the open transaction, if the handler began one.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn take(&self) -> Option<crate::store::postgres::PgEffects> {
+        match &self.pg {
+            Some((_, slot)) => slot.lock().await.take(),
+            None => None,
+        }
+    }
+
+    /// Rolls back what a failed try did, so the next try (or delivery) starts clean.
+    pub(crate) async fn rollback(&self) {
+        #[cfg(feature = "postgres")]
+        if let Some(tx) = self.take().await {
+            if let Err(e) = tx.rollback().await {
+                // The connection is discarded instead; the server aborts the transaction.
+                tracing::warn!(error = %e, "rolling back the effects transaction failed");
+            }
+        }
+    }
 }
 
 impl<S> Context<S> {
@@ -132,6 +172,34 @@ impl<S> Context<S> {
     pub fn state(&self) -> &S {
         &self.state
     }
+
+    /// A transaction on the PostgreSQL idempotency store's database for this message's
+    /// effects: run your statements on `ctx.postgres().await?.client()`. The runtime commits
+    /// them in the same transaction that completes the idempotency record, or rolls them back
+    /// if the handler fails or another worker has taken the record over: the effects happen
+    /// exactly once. Needs `store.kind = "postgres"` (a permanent error otherwise). Never run
+    /// `BEGIN`, `COMMIT` or `ROLLBACK` yourself.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(
+        &self,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, crate::store::postgres::PgEffects>, HandlerError>
+    {
+        let Some((store, slot)) = &self.effects.pg else {
+            return Err(HandlerError::permanent(
+                "ctx.postgres() needs the PostgreSQL idempotency store (store.kind = \"postgres\")",
+            ));
+        };
+        let mut open = slot.lock().await;
+        if open.is_none() {
+            let tx = store.begin_effects().await.map_err(|e| {
+                HandlerError::transient(format!("cannot begin the effects transaction: {e}"))
+            })?;
+            *open = Some(tx);
+        }
+        Ok(tokio::sync::MutexGuard::map(open, |tx| {
+            tx.as_mut().expect("begun above")
+        }))
+    }
 }
 
 impl Context<()> {
@@ -152,6 +220,7 @@ impl<S> Context<S> {
             idempotency_key: message_id.to_owned(),
             cancel: CancellationToken::new(),
             state,
+            effects: Effects::default(),
         }
     }
 }

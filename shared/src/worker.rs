@@ -131,7 +131,8 @@ where
             None => d.id.clone(),
         };
         // Once: no immediate retries, so a failure shows as it happened.
-        self.call_once(&d, input, &key, &CancellationToken::new())
+        let effects = crate::handler::Effects::default();
+        self.call_once(&d, input, &key, &CancellationToken::new(), &effects)
             .await
     }
 
@@ -402,7 +403,8 @@ where
         }
 
         // 5. The handler, with timeout, immediate retries and panics caught.
-        let result = self.call_handler(d, input, &key, cancel).await;
+        let effects = self.effects();
+        let result = self.call_handler(d, input, &key, cancel, &effects).await;
         if cancel.is_cancelled() && result.is_err() {
             self.release_claim(held).await;
             return Verdict::Abandon;
@@ -413,8 +415,18 @@ where
         // 6. Classify, and record the outcome before settling on the broker.
         match result {
             Ok(output) => {
+                if rand::thread_rng().gen::<f64>() < self.settings.fault.crash_rate {
+                    // fault.crash_rate: die between the effect and its record/ack, as a killed
+                    // worker would (abort: no destructor, no settle, no flush).
+                    tracing::error!("injected crash after the handler (fault.crash_rate)");
+                    std::process::abort();
+                }
                 self.breaker.on_success();
                 let claim = held.lock().expect("claim lock").take();
+                #[cfg(feature = "postgres")]
+                if let Some(tx) = effects.take().await {
+                    return self.commit_effects(d, tx, claim, &output).await;
+                }
                 if let (Some(store), Some((key, fp, token))) = (&self.store, claim) {
                     if let Err(e) = store
                         .complete(&key, &fp, token, &output, self.settings.store.ttl)
@@ -447,6 +459,59 @@ where
                     }
                     ErrorKind::RetryAfter(delay) => self.retry_or_give_up(d, delay, e.message),
                 }
+            }
+        }
+    }
+
+    /// The effects slot for one message: armed when the store is PostgreSQL.
+    fn effects(&self) -> crate::handler::Effects {
+        #[cfg(feature = "postgres")]
+        if let Some(crate::store::AnyStore::Postgres(pg)) = self.store.as_ref().map(|s| s.store()) {
+            return crate::handler::Effects {
+                pg: Some((pg.clone(), Arc::default())),
+            };
+        }
+        crate::handler::Effects::default()
+    }
+
+    /// Commits the handler's effects together with the record's completion: both or neither.
+    #[cfg(feature = "postgres")]
+    async fn commit_effects(
+        &self,
+        d: &Delivery,
+        tx: crate::store::postgres::PgEffects,
+        claim: Option<(String, String, Token)>,
+        output: &[u8],
+    ) -> Verdict {
+        let Some((key, fp, token)) = claim else {
+            // Unclaimed (store.fail_open while the store was down): effects without a record
+            // would break exactly-once, so undo them and try again later.
+            let _ = tx.rollback().await;
+            let delay = self.policy.delayed_retry(d.attempt);
+            return self.retry_or_give_up(d, delay, "effects need an idempotency claim".into());
+        };
+        match tx
+            .commit_with_complete(&key, token, output, self.settings.store.ttl)
+            .await
+        {
+            Ok(()) => {
+                if let Some(store) = &self.store {
+                    store.remember(&key, &fp, output);
+                }
+                Verdict::Ack { duplicate: false }
+            }
+            Err(Error::StaleToken(_)) => {
+                // Another worker took the record over: our effects were rolled back, and the
+                // message is theirs now.
+                tracing::warn!("record taken over by another worker; effects rolled back");
+                Verdict::Abandon
+            }
+            Err(e) => {
+                // All or nothing: the next delivery replays the stored output or runs again
+                // on untouched data.
+                self.release_claim_of(&key, token).await;
+                let delay = self.policy.delayed_retry(d.attempt);
+                self.retry_or_give_up(d, delay, format!("committing the effects failed: {e}"))
             }
         }
     }
@@ -500,6 +565,7 @@ where
         input: T,
         key: &str,
         cancel: &CancellationToken,
+        effects: &crate::handler::Effects,
     ) -> std::result::Result<Vec<u8>, HandlerError> {
         let mut input = Some(input);
         let mut tries = 0;
@@ -510,11 +576,13 @@ where
                     .decode(d)
                     .map_err(|(_, r)| HandlerError::permanent(r))?,
             };
-            let result = self.call_once(d, this, key, cancel).await;
+            let result = self.call_once(d, this, key, cancel, effects).await;
             let err = match result {
                 Ok(out) => return Ok(out),
                 Err(e) => e,
             };
+            // A failed try's writes are undone before anything else happens.
+            effects.rollback().await;
             let wait = match err.kind {
                 ErrorKind::Transient => Some(self.policy.immediate_delay(tries + 1)),
                 ErrorKind::RetryAfter(w) if w <= self.policy.max_in_slot_wait() => Some(w),
@@ -541,6 +609,7 @@ where
         input: T,
         key: &str,
         cancel: &CancellationToken,
+        effects: &crate::handler::Effects,
     ) -> std::result::Result<Vec<u8>, HandlerError> {
         let timeout = self.settings.worker.handler_timeout;
         let ctx = Context {
@@ -551,6 +620,7 @@ where
             idempotency_key: key.to_owned(),
             cancel: cancel.clone(),
             state: self.state.clone(),
+            effects: effects.clone(),
         };
         let fault = &self.settings.fault;
         let call = async {
@@ -620,6 +690,15 @@ where
         }
         // Let the handler observe the cancellation and return; decide() then abandons.
         std::future::pending().await
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn release_claim_of(&self, key: &str, token: Token) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.release(key, token).await {
+                tracing::warn!(error = %e, "could not release the idempotency record; it frees itself when its lease ends");
+            }
+        }
     }
 
     async fn release_claim(&self, held: &HeldClaim) {

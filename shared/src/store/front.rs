@@ -62,6 +62,13 @@ impl StoreFront {
         &self.store
     }
 
+    /// Remembers a completion made outside [`StoreFront::complete`] (the effects transaction).
+    pub fn remember(&self, key: &str, fingerprint: &str, output: &[u8]) {
+        if let Some(cache) = &self.cache {
+            cache.put(key, fingerprint, output);
+        }
+    }
+
     /// Extends our lease on the record.
     pub async fn extend(&self, key: &str, token: Token, lease: Duration) -> Result<()> {
         self.bounded(self.store.extend(key, token, lease)).await
