@@ -41,7 +41,7 @@ impl StoreFront {
     ) -> Self {
         let store = Arc::new(store);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batch_claims(store.clone(), rx));
+        tokio::spawn(batch_claims(store.clone(), rx, timeout));
         Self {
             store,
             claims: tx,
@@ -126,7 +126,11 @@ impl StoreFront {
 /// Takes whatever claims are waiting (up to MAX_BATCH) and sends them as one batch. Under load
 /// batches fill while the previous one is in flight; when idle a claim goes alone at once, so
 /// batching adds no latency.
-async fn batch_claims(store: Arc<AnyStore>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn batch_claims(
+    store: Arc<AnyStore>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    timeout: Duration,
+) {
     while let Some(first) = rx.recv().await {
         let mut waiting = vec![first];
         while waiting.len() < MAX_BATCH {
@@ -146,7 +150,11 @@ async fn batch_claims(store: Arc<AnyStore>, mut rx: mpsc::UnboundedReceiver<Pend
             // All claims of one worker carry the same lease (transport.lease).
             let lease = round[0].lease;
             let reqs: Vec<ClaimRequest> = round.iter().map(|p| p.req.clone()).collect();
-            match store.claim_many(&reqs, lease).await {
+            // Bounded here too: a hung call would otherwise hold up every later claim.
+            let answer = tokio::time::timeout(timeout, store.claim_many(&reqs, lease))
+                .await
+                .unwrap_or(Err(Error::Timeout(timeout)));
+            match answer {
                 Ok(claims) => {
                     for (p, c) in round.into_iter().zip(claims) {
                         let _ = p.reply.send(Ok(c));
