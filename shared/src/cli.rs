@@ -183,7 +183,10 @@ where
         ),
         None => None,
     };
-    let mut overrides = cli.overrides.clone();
+    // clap keeps only the occurrences after the subcommand when a global option is given on
+    // both sides; every `--set` counts, in command-line order, so collect them ourselves.
+    let mut overrides = all_sets(std::env::args().skip(1));
+    debug_assert!(cli.overrides.iter().all(|o| overrides.contains(o)));
     if let Command::Run {
         concurrency: Some(n),
         ..
@@ -294,6 +297,21 @@ where
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every `--set KEY=VALUE` and `--set=KEY=VALUE`, in order. Arguments after `--` are not
+/// options.
+fn all_sets(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = args.take_while(|a| a != "--");
+    while let Some(a) = args.next() {
+        if a == "--set" {
+            out.extend(args.next());
+        } else if let Some(v) = a.strip_prefix("--set=") {
+            out.push(v.to_owned());
+        }
+    }
+    out
 }
 
 fn spawn_signal_listener(shutdown: CancellationToken) {
@@ -439,5 +457,26 @@ fn print_dead_letter(dl: &DeadLetter) {
         (Some(b), _) => println!("body              {b}"),
         (None, Some(h)) => println!("body (hex)        {h}"),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_set_counts_before_and_after_the_subcommand() {
+        let args = [
+            "--set",
+            "queue=a",
+            "run",
+            "--set=worker.concurrency=2",
+            "--set",
+            "x=1",
+        ];
+        let got = all_sets(args.iter().map(|s| s.to_string()));
+        assert_eq!(got, vec!["queue=a", "worker.concurrency=2", "x=1"]);
+        let cli = Cli::try_parse_from(["fn", "--set", "queue=a", "run", "--set", "x=1"]).unwrap();
+        assert!(cli.overrides.iter().all(|o| got.contains(o)));
     }
 }

@@ -18,7 +18,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// SQLite file of the ledger.
+    /// SQLite file of the ledger, or `postgres`: the ledger is a table in the idempotency
+    /// store's PostgreSQL database, written in the same transaction as the record.
     pub ledger: String,
     /// Fraction of calls that fail with a 503 before charging.
     #[serde(default)]
@@ -37,6 +38,25 @@ pub enum GatewayError {
     Unavailable(String),
     /// The charge was declined (do not try again).
     Declined(String),
+}
+
+/// Outage, latency and decline, as configured.
+pub async fn precheck(cfg: &GatewayConfig, amount_cents: u64) -> Result<(), GatewayError> {
+    if !cfg.latency.is_zero() {
+        tokio::time::sleep(cfg.latency).await;
+    }
+    if rand::thread_rng().gen::<f64>() < cfg.failure_rate {
+        return Err(GatewayError::Unavailable(
+            "503 service unavailable (injected)".into(),
+        ));
+    }
+    if amount_cents > cfg.decline_over_cents {
+        return Err(GatewayError::Declined(format!(
+            "amount {amount_cents} is over the limit of {}",
+            cfg.decline_over_cents
+        )));
+    }
+    Ok(())
 }
 
 /// A recorded charge.
@@ -91,20 +111,7 @@ impl LocalGateway {
         customer: &str,
         idempotency_key: &str,
     ) -> Result<Charge, GatewayError> {
-        if !self.cfg.latency.is_zero() {
-            tokio::time::sleep(self.cfg.latency).await;
-        }
-        if rand::thread_rng().gen::<f64>() < self.cfg.failure_rate {
-            return Err(GatewayError::Unavailable(
-                "503 service unavailable (injected)".into(),
-            ));
-        }
-        if amount_cents > self.cfg.decline_over_cents {
-            return Err(GatewayError::Declined(format!(
-                "amount {amount_cents} is over the limit of {}",
-                self.cfg.decline_over_cents
-            )));
-        }
+        precheck(&self.cfg, amount_cents).await?;
         let conn = self.conn.clone();
         let row = (
             payment_id.to_owned(),

@@ -13,13 +13,34 @@
 //! record replays the stored receipt without calling the gateway; and the key is passed on to
 //! the gateway, which charges once per key even if a worker dies between the charge and the
 //! record (see docs/idempotency.md).
+//!
+//! With `app.ledger = "postgres"` (and `store.kind = "postgres"`) the charge is a row written
+//! through `ctx.postgres()`: it commits in the same transaction as the idempotency record, so
+//! it happens exactly once with no help from the gateway.
 
 mod gateway;
 
 use serde::{Deserialize, Serialize};
-use sluice::{Context, Function, HandlerError, Settings};
+use sluice::{store::postgres::tokio_postgres, Context, Function, HandlerError, Settings};
 
 use crate::gateway::{GatewayConfig, GatewayError, LocalGateway};
+
+/// Where charges are recorded.
+enum Ledger {
+    /// The local gateway's SQLite ledger (idempotency key honoured by the gateway).
+    Gateway(LocalGateway),
+    /// A table in the PostgreSQL idempotency store's database, written exactly once.
+    Postgres(GatewayConfig),
+}
+
+const PG_LEDGER: &str = "CREATE TABLE IF NOT EXISTS charge_ledger (
+    charge_id    TEXT PRIMARY KEY,
+    payment_id   TEXT NOT NULL,
+    amount_cents BIGINT NOT NULL,
+    currency     TEXT NOT NULL,
+    customer     TEXT NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+)";
 
 /// One charge to make.
 #[derive(Debug, Clone, Deserialize)]
@@ -40,31 +61,54 @@ struct ChargeReceipt {
     currency: String,
 }
 
-async fn charge(
-    req: ChargeRequest,
-    ctx: &Context<LocalGateway>,
-) -> Result<ChargeReceipt, HandlerError> {
+async fn charge(req: ChargeRequest, ctx: &Context<Ledger>) -> Result<ChargeReceipt, HandlerError> {
     validate(&req)?;
-    let charge = ctx
-        .state()
-        .charge(
-            &req.payment_id,
-            req.amount_cents,
-            &req.currency,
-            &req.customer,
-            ctx.idempotency_key(),
-        )
-        .await
-        .map_err(|e| match e {
-            GatewayError::Unavailable(why) => HandlerError::transient(why),
-            GatewayError::Declined(why) => HandlerError::permanent(format!("declined: {why}")),
-        })?;
+    let charge_id = match ctx.state() {
+        Ledger::Gateway(gateway) => {
+            gateway
+                .charge(
+                    &req.payment_id,
+                    req.amount_cents,
+                    &req.currency,
+                    &req.customer,
+                    ctx.idempotency_key(),
+                )
+                .await
+                .map_err(gateway_error)?
+                .charge_id
+        }
+        Ledger::Postgres(cfg) => {
+            gateway::precheck(cfg, req.amount_cents)
+                .await
+                .map_err(gateway_error)?;
+            let charge_id = format!("ch_{}", uuid::Uuid::new_v4().simple());
+            // No unique constraint on payment_id: a double charge would show in the table.
+            ctx.postgres()
+                .await?
+                .client()
+                .execute(
+                    "INSERT INTO charge_ledger (charge_id, payment_id, amount_cents, currency, customer)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&charge_id, &req.payment_id, &(req.amount_cents as i64), &req.currency, &req.customer],
+                )
+                .await
+                .map_err(|e| HandlerError::transient(format!("ledger insert: {e}")))?;
+            charge_id
+        }
+    };
     Ok(ChargeReceipt {
-        charge_id: charge.charge_id,
+        charge_id,
         payment_id: req.payment_id,
         amount_cents: req.amount_cents,
         currency: req.currency,
     })
+}
+
+fn gateway_error(e: GatewayError) -> HandlerError {
+    match e {
+        GatewayError::Unavailable(why) => HandlerError::transient(why),
+        GatewayError::Declined(why) => HandlerError::permanent(format!("declined: {why}")),
+    }
 }
 
 /// Business validation: a bad request is permanent, retrying cannot fix it.
@@ -86,8 +130,28 @@ fn validate(req: &ChargeRequest) -> Result<(), HandlerError> {
     Ok(())
 }
 
-async fn connect(settings: Settings) -> anyhow::Result<LocalGateway> {
-    LocalGateway::open(settings.app::<GatewayConfig>()?)
+async fn connect(settings: Settings) -> anyhow::Result<Ledger> {
+    let cfg = settings.app::<GatewayConfig>()?;
+    if cfg.ledger != "postgres" {
+        return Ok(Ledger::Gateway(LocalGateway::open(cfg)?));
+    }
+    if settings.store.kind != sluice::config::StoreKind::Postgres {
+        anyhow::bail!(sluice::Error::Config(
+            "key `app.ledger`: \"postgres\" needs store.kind = \"postgres\" (the ledger shares its transaction)".into()
+        ));
+    }
+    let (client, conn) =
+        tokio_postgres::connect(&settings.store.url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    // Workers starting together must not race on CREATE TABLE (it is not atomic in PostgreSQL).
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(7243); {PG_LEDGER}; COMMIT"
+        ))
+        .await?;
+    drop(client);
+    let _ = conn.await;
+    Ok(Ledger::Postgres(cfg))
 }
 
 fn main() -> std::process::ExitCode {
@@ -133,7 +197,7 @@ mod tests {
     #[tokio::test]
     async fn charges_once_and_returns_a_receipt() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 0.0)));
+        let ctx = Context::detached("m-1", Arc::new(Ledger::Gateway(gateway(&dir, 0.0))));
         let receipt = charge(request("p-1", 500), &ctx).await.unwrap();
         assert_eq!(receipt.payment_id, "p-1");
         assert!(receipt.charge_id.starts_with("ch_"));
@@ -143,7 +207,7 @@ mod tests {
     #[tokio::test]
     async fn the_same_idempotency_key_never_charges_twice_at_the_gateway() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 0.0)));
+        let ctx = Context::detached("m-1", Arc::new(Ledger::Gateway(gateway(&dir, 0.0))));
         let a = charge(request("p-1", 500), &ctx).await.unwrap();
         let b = charge(request("p-1", 500), &ctx).await.unwrap();
         assert_eq!(a, b, "the second call returns the first charge");
@@ -153,7 +217,7 @@ mod tests {
     #[tokio::test]
     async fn gateway_outage_is_transient_and_charges_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 1.0)));
+        let ctx = Context::detached("m-1", Arc::new(Ledger::Gateway(gateway(&dir, 1.0))));
         let err = charge(request("p-1", 500), &ctx).await.unwrap_err();
         assert_eq!(err.kind, sluice::ErrorKind::Transient);
         assert_eq!(ledger_rows(&dir), 0);
@@ -162,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn declines_and_invalid_requests_are_permanent() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = Context::detached("m-1", Arc::new(gateway(&dir, 0.0)));
+        let ctx = Context::detached("m-1", Arc::new(Ledger::Gateway(gateway(&dir, 0.0))));
         let declined = charge(request("p-1", 20_000), &ctx).await.unwrap_err();
         assert_eq!(declined.kind, sluice::ErrorKind::Permanent);
         assert!(declined.message.contains("declined"), "{declined}");
