@@ -294,6 +294,13 @@ where
         Command::Provision => {
             rt.transport().provision().await?;
             println!("provisioned queue {}", rt.settings().queue);
+            if let Some(store) = &rt.store {
+                store.store().provision().await?;
+                println!(
+                    "provisioned the {} idempotency store",
+                    rt.settings().store.kind.name()
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

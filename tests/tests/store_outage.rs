@@ -60,6 +60,7 @@ fn redis_target() -> String {
 
 async fn start(
     fail_open: bool,
+    cache_entries: usize,
 ) -> (
     tempfile::TempDir,
     TcpProxy,
@@ -84,6 +85,7 @@ async fn start(
             format!("store.url=redis://{}/0", proxy.addr),
             "store.timeout=500ms".into(),
             format!("store.fail_open={fail_open}"),
+            format!("store.cache_entries={cache_entries}"),
             "retry.immediate=0".into(),
             "retry.base=100ms".into(),
             "retry.cap=300ms".into(),
@@ -106,7 +108,7 @@ async fn start(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_fails_closed_then_every_message_runs_once_when_it_is_back() {
-    let (_dir, proxy, calls, rt) = start(false).await;
+    let (_dir, proxy, calls, rt) = start(false, 0).await;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     proxy.cut();
     let msgs = (0..5)
@@ -153,7 +155,7 @@ async fn store_down_fails_closed_then_every_message_runs_once_when_it_is_back() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_runs_the_handler_unclaimed_while_the_store_is_down() {
-    let (_dir, proxy, calls, rt) = start(true).await;
+    let (_dir, proxy, calls, rt) = start(true, 0).await;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     proxy.cut();
     let msgs = (0..3)
@@ -167,4 +169,36 @@ async fn fail_open_runs_the_handler_unclaimed_while_the_store_is_down() {
     assert_eq!(calls.total(), 3, "fail open: handled without a claim");
     assert_eq!(summary.succeeded, 3);
     assert_eq!(summary.retried, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_completions_absorb_duplicates_without_the_store() {
+    let (_dir, proxy, calls, rt) = start(false, 100).await;
+    let body = format!(r#"{{"key":"{}"}}"#, uuid::Uuid::new_v4().simple());
+    rt.transport()
+        .publish(vec![OutgoingMessage::new(body.clone())])
+        .await
+        .unwrap();
+    let first = rt
+        .run(RunOptions { drain: true }, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(first.succeeded, 1);
+    // The store is gone, but the worker remembers the completion: the duplicate is answered
+    // from the cache (no round trip, so no outage to notice).
+    proxy.cut();
+    rt.transport()
+        .publish(vec![OutgoingMessage::new(body)])
+        .await
+        .unwrap();
+    let second = rt
+        .run(RunOptions { drain: true }, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        second.duplicates_skipped, 1,
+        "duplicate absorbed from the cache"
+    );
+    assert_eq!(second.retried, 0, "no store call was needed");
+    assert_eq!(calls.total(), 1);
 }

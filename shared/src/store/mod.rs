@@ -128,6 +128,17 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// Creates what the store needs beyond its schema (the S3 bucket); the SQL stores create
+    /// their tables when they open, Redis needs nothing.
+    pub async fn provision(&self) -> Result<()> {
+        match self {
+            #[cfg(feature = "s3")]
+            AnyStore::S3(s) => s.ensure_bucket().await,
+            #[allow(unreachable_patterns)]
+            _ => Ok(()),
+        }
+    }
+
     /// Opens the store named by the settings; `None` for `store.kind = "none"`.
     pub async fn open(settings: &Settings) -> Result<Option<Self>> {
         match settings.store.kind {

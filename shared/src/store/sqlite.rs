@@ -97,7 +97,7 @@ fn sweep_expired(conn: &Connection) -> Result<usize> {
 /// The claim, inside a transaction: insert, or take over a record whose TTL ran out, or whose
 /// lease ran out while in progress with the same payload; anything else leaves the row alone.
 fn claim_in(tx: &rusqlite::Transaction<'_>, key: &str, fp: &str, lease: Duration) -> Result<Claim> {
-    if rand::random::<u32>() % SWEEP_EVERY == 0 {
+    if rand::random::<u32>().is_multiple_of(SWEEP_EVERY) {
         sweep_expired(tx)?;
     }
     let now = unix_ms(SystemTime::now());

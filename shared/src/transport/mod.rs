@@ -5,6 +5,8 @@
 
 #[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 
 use std::{future::Future, time::Duration};
 
@@ -99,6 +101,9 @@ pub enum AnyTransport {
     /// The embedded SQLite queue.
     #[cfg(feature = "embedded")]
     Embedded(embedded::EmbeddedTransport),
+    /// RabbitMQ (quorum queues, a TTL delay ladder, a DLQ with history).
+    #[cfg(feature = "rabbitmq")]
+    Rabbitmq(rabbitmq::RabbitTransport),
 }
 
 impl AnyTransport {
@@ -109,6 +114,10 @@ impl AnyTransport {
             #[cfg(feature = "embedded")]
             TransportKind::Embedded => Ok(AnyTransport::Embedded(
                 embedded::EmbeddedTransport::open(opts).await?,
+            )),
+            #[cfg(feature = "rabbitmq")]
+            TransportKind::Rabbitmq => Ok(AnyTransport::Rabbitmq(
+                rabbitmq::RabbitTransport::open(opts).await?,
             )),
             #[allow(unreachable_patterns)]
             other => Err(Error::Config(format!(
@@ -125,6 +134,8 @@ macro_rules! delegate {
         match $self {
             #[cfg(feature = "embedded")]
             AnyTransport::Embedded($t) => $e,
+            #[cfg(feature = "rabbitmq")]
+            AnyTransport::Rabbitmq($t) => $e,
         }
     };
 }

@@ -1,0 +1,1766 @@
+//! The RabbitMQ transport (feature `rabbitmq`, client `lapin` 4): a quorum work queue, a delay
+//! ladder built from TTL queues (no plugin), a dead-letter queue that carries the failure
+//! history, and leases kept by this process.
+//!
+//! # Topology
+//!
+//! For a work queue `<q>`, declared idempotently when a handle opens and by `provision`:
+//!
+//! | name | kind | arguments | role |
+//! |---|---|---|---|
+//! | `<q>` | direct exchange | durable | producers publish here, routing key `<q>` |
+//! | `<q>` | quorum queue, bound to the exchange with key `<q>` | `x-delivery-limit`, dead-letter to `<q>.dlq` (at-least-once) | the work |
+//! | `<q>.dlq` | classic durable queue | | dead letters with their history |
+//! | `<q>.delay.<ms>` | quorum queues, one per ladder step | `x-message-ttl = <ms>`, dead-letter to `<q>` (at-least-once) | delayed retries |
+//!
+//! Dead-lettering goes through the default exchange (`x-dead-letter-exchange = ""` with the
+//! target queue as routing key), so no extra exchange is needed. Both quorum kinds use
+//! `x-dead-letter-strategy = at-least-once` (with `x-overflow = reject-publish`, which it
+//! requires): RabbitMQ moves a dead letter with publisher confirms and keeps it until the
+//! target has it, so neither a crash-loop dead letter nor a delayed retry can be lost in between.
+//! The DLQ is a classic queue because peeking (below) needs the queue to apply a requeue before
+//! the next command from the same channel, which classic queues do and quorum queues do not
+//! promise (their counts and `basic.get` may lag a requeue).
+//!
+//! Changing `max_deliveries` later makes the declaration fail with PRECONDITION_FAILED (queue
+//! arguments are fixed): the error says so; change the limit with a RabbitMQ policy or recreate
+//! the queue.
+//!
+//! # Attempts and the crash-loop guard
+//!
+//! Attempt = `sluice-retries` (the attempt of the delivery a retry copy was made from) +
+//! the quorum queue's `x-delivery-count` (returns of this copy: nacks, expired leases, dead
+//! consumers) + 1. Quorum queues dead-letter a message once it has been returned more than
+//! `x-delivery-limit` times, so the limit is declared as `max_deliveries - 1`: the copy is
+//! delivered `max_deliveries` times, and the next return sends it to `<q>.dlq` with RabbitMQ's
+//! `x-death` header (reason `delivery_limit`), listed as class `crash_loop` with attempts =
+//! `sluice-retries + max_deliveries`. The guard counts the deliveries of one copy; the pipeline
+//! counts all attempts (its own `max_deliveries` check dead-letters retried messages).
+//! Prefetched messages that this process never handed out are returned when the connection
+//! closes, and quorum queues count that return too.
+//!
+//! # Delays: the ladder and its rounding
+//!
+//! [`DELAY_LADDER_MS`] is 250 ms, 500 ms, 1 s, 2 s, ... doubling up to 512 s (12 queues).
+//! `retry_after(d)` (and `publish` with a delay) writes the due time into `sluice-due-at` and
+//! publishes the copy to the largest step <= `d`. When the step expires the copy returns to
+//! `<q>`; a consumer that receives a copy whose due time is still at least one smallest step
+//! away publishes it to the next step (the largest <= the time left), confirms, acks, and does
+//! not hand it out. So any delay is a chain of at most a few steps (a binary decomposition; 512 s
+//! steps repeat for longer delays), and a delivery comes **at most 250 ms early** (the smallest
+//! step; a delay under 250 ms is not delayed at all), plus clock skew between workers; each hop
+//! can only make it later. The conformance suite is run with `rounding = 250 ms`.
+//! A chained copy waits in `<q>` between steps only while some consumer is receiving.
+//!
+//! # Receiving and leases
+//!
+//! A handle starts one consumer on its first `receive`, with a prefetch of
+//! [`RabbitConfig::prefetch`] (20; DESIGN says concurrency x 2); a handle that only publishes
+//! never takes messages. Deliveries wait in a local buffer; `receive(max, wait)` hands out up to
+//! `max` of them, waiting up to `wait` for the first. The receipt is
+//! `<handle>:<connection generation>:<channel id>:<delivery tag>`, and settling goes through
+//! lapin's `Acker` of the channel the message came on: a delivery tag of a dead channel or of an
+//! older connection can never be acked on a new one; settling it returns `LeaseLost` (the broker
+//! redelivers such messages by itself).
+//!
+//! RabbitMQ has no lease: an unacked message stays with its channel until it is settled or the
+//! channel closes. The lease (`opts.lease`) is kept here: `extend` pushes the deadline, a
+//! background task nacks with requeue every handed-out delivery whose deadline passed unsettled
+//! (so it is redelivered with `x-delivery-count + 1`, as an SQS visibility timeout would), and
+//! settling an expired delivery returns `LeaseLost`. RabbitMQ closes a channel that holds a
+//! delivery longer than `consumer_timeout` (30 min by default), killing every delivery on it;
+//! leases are therefore capped at [`RabbitConfig::max_hold`] (29 min) after the broker delivered
+//! the message: `extend` past it returns `LeaseLost` and the message is requeued.
+//!
+//! # Settling
+//!
+//! Nothing is acked before its copy is confirmed: `retry_after` publishes the copy (to a delay
+//! step, or straight back to `<q>` for delays under 250 ms) and `dead_letter` publishes to
+//! `<q>.dlq`, each with publisher confirms and `mandatory`, then acks the original. If the
+//! publish fails, the lease is kept (it runs out and the message returns); if the ack fails
+//! after a confirmed copy, the message is duplicated (at-least-once), never lost. `ack` is
+//! `basic.ack`; `release` is `basic.nack` with requeue (the delivery counts).
+//!
+//! # Headers: ours, the broker's, and forged ones
+//!
+//! Copies made by this adapter carry `sluice-*` headers: `sluice-retries`, `sluice-due-at`,
+//! the failure history (`sluice-first-failure-at`, `sluice-last-failure-at`,
+//! `sluice-last-error`, `sluice-error-class`), redrive marks (`sluice-redriven`,
+//! `sluice-redriven-from`, `sluice-redriven-at`) and, on dead letters, `sluice-function`,
+//! `sluice-attempts`, `sluice-original-queue`, `sluice-dead-lettered-at`.
+//! A producer's own `sluice-*` headers are never mixed with these: on a copy they travel inside
+//! the nested table `sluice-producer-headers` and come back out as producer headers.
+//!
+//! A delivery is taken as our copy only when it arrived through the default exchange (every copy
+//! reaches `<q>` that way: from a delay step's dead-lettering, a direct retry or a redrive,
+//! while producers publish to the `<q>` exchange) **and** carries `sluice-retries`. Only then are
+//! its top-level `sluice-*` headers read and stripped. On any other delivery, such as a first
+//! delivery, every header reaches `Delivery::headers`, so the pipeline rejects forged
+//! `sluice-*` names as bad input, and forged values never change the attempt number. This holds
+//! against producers that cannot publish to the default exchange: give producers' users write
+//! permission on the `<q>` exchange only (with the default `guest`-style full permissions, a
+//! producer that deliberately publishes to the default exchange with `sluice-retries` is
+//! trusted). Broker bookkeeping (`x-death`, `x-delivery-count`, `x-first-death-*`,
+//! `x-last-death-*`) is always stripped from `Delivery::headers`.
+//!
+//! # Dead letters: peeking and redrive
+//!
+//! AMQP has no peek. `dlq_list`/`dlq_get` take messages with `basic.get` (no auto-ack) and then
+//! `basic.nack` them all with requeue, on one channel reserved for DLQ work and queue counts.
+//! `basic.get` rather than a consumer because it takes exactly as many as asked and stops,
+//! and nothing is pushed to us that we would then have to return; a classic queue puts requeued
+//! messages back in their place, so the order is kept. While one process peeks, the messages it
+//! holds are invisible to others (a concurrent redrive skips them). `dlq_get` scans at most
+//! [`DLQ_SCAN_LIMIT`] messages. `redrive` takes messages the same way, republishes each match
+//! to `<q>` (attempts reset: `sluice-retries = 0`, `sluice-redriven` incremented,
+//! `sluice-redriven-from` and `-at` set, failure history dropped), confirms, acks the DLQ copy,
+//! and requeues what it skipped (filter) or only listed (dry run).
+//!
+//! # Stats
+//!
+//! From passive declares: `ready` = messages ready in `<q>` + those this handle prefetched but
+//! has not handed out; `delayed` = the sum of the delay steps; `dead_lettered` = `<q>.dlq`.
+//! `in_flight` is this handle's leased deliveries only: the AMQP protocol reports no unacked
+//! count (the management API does, over HTTP, which this adapter does not use), so other
+//! processes' leases and prefetch are not visible.
+//!
+//! # Connection loss
+//!
+//! All channels of a handle share one connection. When it is lost, the next operation reconnects
+//! with a small backoff loop (100 ms doubling to 5 s, jittered, for up to 15 s, then the error is
+//! returned and the caller's own retry takes over), declares the topology again, and starts a
+//! fresh consumer: a new generation. Unacked deliveries of the dead connection are redelivered
+//! by the broker; settling them here returns `LeaseLost`. A lost channel (e.g. killed by
+//! `consumer_timeout`) is replaced the same way. The URL's password is never printed.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+        BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, LongString},
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ErrorKind, ExchangeKind,
+};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+use super::{Transport, TransportOptions};
+use crate::{
+    config::redact_url,
+    error::{Error, Result},
+    message::{
+        header, rfc3339, DeadLetter, Delivery, Failure, FailureClass, Headers, OutgoingMessage,
+        QueueStats, RedriveFilter,
+    },
+};
+
+// ---------------------------------------------------------------------------------------------
+// Limits and constants
+
+/// Queue, exchange and header names are AMQP short strings: at most 255 bytes
+/// (<https://www.rabbitmq.com/amqp-0-9-1-reference#domain.shortstr>).
+pub const MAX_NAME_BYTES: usize = 255;
+/// RabbitMQ's default `max_message_size`, 128 MiB
+/// (<https://www.rabbitmq.com/docs/configure#config-items>); checked before publishing.
+pub const MAX_BODY_BYTES: usize = 128 * 1024 * 1024;
+/// Headers travel in one content-header frame, which must fit in the negotiated `frame_max`
+/// (131072 bytes by default, <https://www.rabbitmq.com/docs/configure#config-items>); producer
+/// headers are held to half of it so that the failure history always fits beside them.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The last error kept in `sluice-last-error` on a copy (longer texts are cut).
+pub const MAX_ERROR_BYTES: usize = 4 * 1024;
+/// The delay ladder: one TTL queue `<q>.delay.<ms>` per step (see the module doc).
+pub const DELAY_LADDER_MS: [u64; 12] = [
+    250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000,
+];
+/// `dlq_get` looks at no more than this many dead letters.
+pub const DLQ_SCAN_LIMIT: usize = 10_000;
+
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+/// One connection attempt gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reconnect backoff: the first wait, doubling up to the cap, for up to the budget.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_CAP: Duration = Duration::from_secs(5);
+const RECONNECT_BUDGET: Duration = Duration::from_secs(15);
+
+/// Header names this adapter owns besides the shared failure-history ones in
+/// [`crate::message::header`].
+pub mod own_header {
+    /// On copies: the attempt number of the delivery the copy was made from (0 for a fresh
+    /// message that only waited for a delay, or a redriven one).
+    pub const RETRIES: &str = "sluice-retries";
+    /// On delayed copies: RFC 3339 time the copy is due.
+    pub const DUE_AT: &str = "sluice-due-at";
+    /// Times the message was redriven from the DLQ.
+    pub const REDRIVEN: &str = "sluice-redriven";
+    /// The DLQ a redriven message came from.
+    pub const REDRIVEN_FROM: &str = "sluice-redriven-from";
+    /// RFC 3339 time of the last redrive.
+    pub const REDRIVEN_AT: &str = "sluice-redriven-at";
+    /// On dead letters: RFC 3339 time it was dead-lettered.
+    pub const DEAD_LETTERED_AT: &str = "sluice-dead-lettered-at";
+    /// On copies: a nested table holding the producer's own `sluice-*` headers, kept apart.
+    pub const PRODUCER_HEADERS: &str = "sluice-producer-headers";
+}
+
+/// Headers the broker sets for its own bookkeeping; never shown as producer headers.
+const BROKER_HEADERS: [&str; 8] = [
+    "x-death",
+    "x-delivery-count",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-first-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-last-death-exchange",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+/// Adapter settings beyond [`TransportOptions`] (whose `url` is the `amqp(s)://` URL).
+#[derive(Debug, Clone)]
+pub struct RabbitConfig {
+    /// Messages the broker may push ahead of `receive` (unacked, per handle).
+    pub prefetch: u16,
+    /// Longest a delivery may be held, counted from the broker's delivery; keep it below the
+    /// broker's `consumer_timeout` (30 min by default), which would close the channel.
+    pub max_hold: Duration,
+    /// Declare every queue with `x-expires` (and the exchange auto-delete), so that the broker
+    /// removes an unused topology by itself. For tests; `None` in production.
+    pub queue_expires: Option<Duration>,
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 20,
+            max_hold: Duration::from_secs(29 * 60),
+            queue_expires: None,
+        }
+    }
+}
+
+/// The names of one work queue's topology.
+#[derive(Debug, Clone)]
+struct Names {
+    work: String,
+    dlq: String,
+    /// (step, queue name), shortest first.
+    delays: Vec<(Duration, String)>,
+}
+
+impl Names {
+    fn new(queue: &str) -> Result<Self> {
+        if queue.is_empty() {
+            return Err(Error::Config("key `queue`: empty queue name".into()));
+        }
+        let longest = format!(
+            "{queue}.delay.{}",
+            DELAY_LADDER_MS[DELAY_LADDER_MS.len() - 1]
+        );
+        if longest.len() > MAX_NAME_BYTES {
+            return Err(Error::Config(format!(
+                "key `queue`: {queue:?} is too long for RabbitMQ: {longest:?} must fit in {MAX_NAME_BYTES} bytes"
+            )));
+        }
+        Ok(Self {
+            work: queue.to_owned(),
+            dlq: format!("{queue}.dlq"),
+            delays: DELAY_LADDER_MS
+                .iter()
+                .map(|ms| (Duration::from_millis(*ms), format!("{queue}.delay.{ms}")))
+                .collect(),
+        })
+    }
+
+    fn smallest_step(&self) -> Duration {
+        self.delays[0].0
+    }
+
+    /// Where a copy due in `delay` goes: the largest step <= `delay`, or straight to the work
+    /// queue when the delay is under the smallest step.
+    fn route(&self, delay: Duration) -> &str {
+        self.delays
+            .iter()
+            .rev()
+            .find(|(step, _)| *step <= delay)
+            .map_or(self.work.as_str(), |(_, name)| name.as_str())
+    }
+
+    fn all_queues(&self) -> impl Iterator<Item = &str> {
+        [self.work.as_str(), self.dlq.as_str()]
+            .into_iter()
+            .chain(self.delays.iter().map(|(_, n)| n.as_str()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The adapter
+
+/// The RabbitMQ transport. Clones share one connection.
+#[derive(Clone)]
+pub struct RabbitTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: TransportOptions,
+    config: RabbitConfig,
+    names: Names,
+    /// Tells this handle's receipts from another handle's.
+    nonce: String,
+    generations: AtomicU64,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    intake: tokio::sync::Mutex<Option<Intake>>,
+    /// Taken off the consumer, not handed out yet.
+    pending: Mutex<VecDeque<Pending>>,
+    /// Handed out and not settled, by receipt.
+    leases: Mutex<HashMap<String, Lease>>,
+}
+
+/// One connection and its channels.
+struct Session {
+    generation: u64,
+    connection: Connection,
+    /// Publisher confirms on.
+    publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// Queue counts and DLQ work; used by one operation at a time.
+    admin: tokio::sync::Mutex<Option<Channel>>,
+}
+
+/// The consumer of the work queue.
+struct Intake {
+    generation: u64,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+struct Pending {
+    generation: u64,
+    channel: u16,
+    arrived: Instant,
+    delivery: lapin::message::Delivery,
+}
+
+struct Lease {
+    id: String,
+    generation: u64,
+    acker: Acker,
+    deadline: Instant,
+    hold_until: Instant,
+    properties: BasicProperties,
+    producer: FieldTable,
+    envelope: Envelope,
+    enqueued_at: SystemTime,
+}
+
+/// What our `sluice-*` headers say about a copy.
+#[derive(Debug, Clone, Default)]
+struct Envelope {
+    retries: u32,
+    due_at: Option<SystemTime>,
+    first_failure_at: Option<SystemTime>,
+    last_failure_at: Option<SystemTime>,
+    last_error: Option<String>,
+    error_class: Option<FailureClass>,
+    redriven: u32,
+    function: Option<String>,
+    attempts: Option<u32>,
+    original_queue: Option<String>,
+}
+
+impl RabbitTransport {
+    /// Connects to `opts.url`, declares the topology and starts the lease keeper.
+    pub async fn open(opts: TransportOptions) -> Result<Self> {
+        Self::open_with(opts, RabbitConfig::default()).await
+    }
+
+    /// [`RabbitTransport::open`] with adapter settings.
+    pub async fn open_with(opts: TransportOptions, config: RabbitConfig) -> Result<Self> {
+        if !(opts.url.starts_with("amqp://") || opts.url.starts_with("amqps://")) {
+            return Err(Error::Config(format!(
+                "key `transport.url`: {:?} is not an amqp:// or amqps:// URL",
+                redact_url(&opts.url)
+            )));
+        }
+        if config.prefetch == 0 {
+            return Err(Error::Config(
+                "rabbitmq prefetch must be at least 1 (0 means unlimited in AMQP)".into(),
+            ));
+        }
+        let names = Names::new(&opts.queue)?;
+        let tick = (opts.lease / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let inner = Arc::new(Inner {
+            opts,
+            config,
+            names,
+            nonce: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+            generations: AtomicU64::new(0),
+            session: tokio::sync::Mutex::new(None),
+            intake: tokio::sync::Mutex::new(None),
+            pending: Mutex::new(VecDeque::new()),
+            leases: Mutex::new(HashMap::new()),
+        });
+        inner.session().await?;
+        tokio::spawn(keep_leases(Arc::downgrade(&inner), tick));
+        Ok(Self { inner })
+    }
+
+    /// Deletes this work queue's queues (messages included) and exchange: for tests and for
+    /// decommissioning a function.
+    pub async fn delete_topology(&self) -> Result<()> {
+        self.inner.delete_topology().await
+    }
+}
+
+/// Nacks (with requeue) the deliveries whose lease ran out, until the handle is dropped.
+async fn keep_leases(inner: Weak<Inner>, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else { break };
+        let now = Instant::now();
+        let expired: Vec<Lease> = {
+            let mut leases = inner.leases.lock().expect("lease map");
+            let receipts: Vec<String> = leases
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(r, _)| r.clone())
+                .collect();
+            receipts.iter().filter_map(|r| leases.remove(r)).collect()
+        };
+        drop(inner);
+        for lease in expired {
+            tracing::debug!(id = %lease.id, "lease ran out unsettled: requeued");
+            requeue(&lease.acker).await;
+        }
+    }
+}
+
+/// Returns a delivery to its queue (it counts as a delivery); a dead channel already did.
+async fn requeue(acker: &Acker) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    if let Err(e) = acker.nack(requeue).await {
+        tracing::debug!(error = %e, "requeue failed: the channel is gone and the broker redelivers");
+    }
+}
+
+impl Inner {
+    // --- connection -------------------------------------------------------------------------
+
+    /// The live session, reconnecting (with backoff) if the connection was lost.
+    async fn session(&self) -> Result<Arc<Session>> {
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if s.connection.status().connected() {
+                return Ok(s.clone());
+            }
+            tracing::warn!(
+                url = %redact_url(&self.opts.url),
+                "RabbitMQ connection lost; reconnecting (unsettled deliveries return to the queue)"
+            );
+        }
+        *slot = None;
+        let s = Arc::new(self.connect_with_backoff().await?);
+        // Deliveries of older connections can no longer be settled: the broker redelivers them.
+        self.leases
+            .lock()
+            .expect("lease map")
+            .retain(|_, l| l.generation == s.generation);
+        self.pending
+            .lock()
+            .expect("pending buffer")
+            .retain(|p| p.generation == s.generation);
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn connect_with_backoff(&self) -> Result<Session> {
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let err = match self.connect_once().await {
+                Ok(s) => return Ok(s),
+                Err(e @ Error::Config(_)) => return Err(e),
+                Err(e) => e,
+            };
+            let envelope = RECONNECT_FIRST
+                .saturating_mul(1 << attempt.min(16))
+                .min(RECONNECT_CAP);
+            // Equal jitter: at least half the envelope, so retries never spin.
+            let half = envelope.as_millis() as u64 / 2;
+            let wait = Duration::from_millis(half + rand::thread_rng().gen_range(0..=half));
+            if started.elapsed() + wait > RECONNECT_BUDGET {
+                return Err(err);
+            }
+            tracing::warn!(
+                url = %redact_url(&self.opts.url),
+                error = %err,
+                retry_in = ?wait,
+                "could not connect to RabbitMQ"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    async fn connect_once(&self) -> Result<Session> {
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = format!("sluice {} on {}", self.opts.function, self.names.work);
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let connection =
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.opts.url, props))
+                .await
+                .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
+                .map_err(|e| {
+                    Error::Transport(format!(
+                        "rabbitmq: connect to {}: {e}",
+                        redact_url(&self.opts.url)
+                    ))
+                })?;
+        let session = Session {
+            generation,
+            connection,
+            publisher: tokio::sync::Mutex::new(None),
+            admin: tokio::sync::Mutex::new(None),
+        };
+        {
+            let admin = session.admin().await?;
+            self.declare(admin.as_ref().expect("admin channel")).await?;
+        }
+        Ok(session)
+    }
+
+    /// Declares the topology (idempotent).
+    async fn declare(&self, ch: &Channel) -> Result<()> {
+        let n = &self.names;
+        let mut common = FieldTable::default();
+        if let Some(expires) = self.config.queue_expires {
+            common.insert(
+                "x-expires".into(),
+                AMQPValue::LongLongInt(expires.as_millis() as i64),
+            );
+        }
+        let quorum = |mut t: FieldTable, dead_letter_to: &str| {
+            t.insert("x-queue-type".into(), long_string("quorum"));
+            t.insert("x-dead-letter-exchange".into(), long_string(""));
+            t.insert(
+                "x-dead-letter-routing-key".into(),
+                long_string(dead_letter_to),
+            );
+            t.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            t.insert("x-overflow".into(), long_string("reject-publish"));
+            t
+        };
+        let durable = QueueDeclareOptions::durable();
+        ch.exchange_declare(
+            n.work.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                auto_delete: self.config.queue_expires.is_some(),
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| declare_error(&n.work, e))?;
+        let mut work = quorum(common.clone(), &n.dlq);
+        work.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.opts.max_deliveries.max(1) - 1)),
+        );
+        ch.queue_declare(n.work.as_str().into(), durable, work)
+            .await
+            .map_err(|e| declare_error(&n.work, e))?;
+        ch.queue_bind(
+            n.work.as_str().into(),
+            n.work.as_str().into(),
+            n.work.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| declare_error(&n.work, e))?;
+        let mut dlq = common.clone();
+        dlq.insert("x-queue-type".into(), long_string("classic"));
+        ch.queue_declare(n.dlq.as_str().into(), durable, dlq)
+            .await
+            .map_err(|e| declare_error(&n.dlq, e))?;
+        for (step, name) in &n.delays {
+            let mut args = quorum(common.clone(), &n.work);
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(step.as_millis() as i64),
+            );
+            ch.queue_declare(name.as_str().into(), durable, args)
+                .await
+                .map_err(|e| declare_error(name, e))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_topology(&self) -> Result<()> {
+        let session = self.session().await?;
+        let admin = session.admin().await?;
+        let ch = admin.as_ref().expect("admin channel");
+        for q in self.names.all_queues() {
+            ch.queue_delete(q.into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| broker("queue.delete", e))?;
+        }
+        ch.exchange_delete(
+            self.names.work.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .map_err(|e| broker("exchange.delete", e))?;
+        Ok(())
+    }
+
+    // --- publishing ---------------------------------------------------------------------------
+
+    /// Publishes (mandatory, confirmed) and waits for the broker to take the message.
+    async fn publish_confirmed(
+        &self,
+        session: &Session,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
+        let ch = session.publisher().await?;
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                mandatory(),
+                body,
+                properties,
+            )
+            .await
+            .map_err(|e| broker("basic.publish", e))?;
+        check_confirm(
+            confirm.await.map_err(|e| broker("publisher confirm", e))?,
+            routing_key,
+        )
+    }
+
+    async fn publish(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<String>> {
+        for m in &msgs {
+            check_outgoing(m)?;
+        }
+        let session = self.session().await?;
+        let ch = session.publisher().await?;
+        let now = SystemTime::now();
+        let mut sent = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let id = uuid::Uuid::new_v4().to_string();
+            let producer = field_table(&m.headers);
+            let base = BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_timestamp(unix_secs(now))
+                .with_delivery_mode(PERSISTENT);
+            let (exchange, routing_key, properties) = if m.delay >= self.names.smallest_step() {
+                // A delayed first publish travels the ladder like a retry copy, with no history.
+                let envelope = Envelope {
+                    due_at: Some(now + m.delay),
+                    ..Envelope::default()
+                };
+                let headers = copy_headers(&producer, &envelope.retry_entries());
+                ("", self.names.route(m.delay), base.with_headers(headers))
+            } else {
+                (
+                    self.names.work.as_str(),
+                    self.names.work.as_str(),
+                    base.with_headers(producer),
+                )
+            };
+            let confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    mandatory(),
+                    &m.body,
+                    properties,
+                )
+                .await
+                .map_err(|e| broker("basic.publish", e))?;
+            sent.push((id, routing_key.to_owned(), confirm));
+        }
+        // Confirms come back in order; wait for all of them before reporting the ids.
+        let mut ids = Vec::with_capacity(sent.len());
+        for (id, routing_key, confirm) in sent {
+            check_confirm(
+                confirm.await.map_err(|e| broker("publisher confirm", e))?,
+                &routing_key,
+            )?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    // --- receiving ----------------------------------------------------------------------------
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let until = Instant::now() + wait;
+        let mut intake = self.intake.lock().await;
+        loop {
+            let session = self.session().await?;
+            self.ensure_intake(&session, &mut intake).await?;
+            let current = intake.as_mut().expect("intake started");
+            self.drain_ready(current);
+            let mut out = Vec::new();
+            while out.len() < max {
+                let Some(p) = self.pending.lock().expect("pending buffer").pop_front() else {
+                    break;
+                };
+                if let Some(d) = self.admit(&session, p).await {
+                    out.push(d);
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(out);
+            }
+            match tokio::time::timeout(until - now, current.consumer.next()).await {
+                Err(_) => return Ok(out),
+                Ok(Some(Ok(d))) => {
+                    self.pending
+                        .lock()
+                        .expect("pending buffer")
+                        .push_back(Pending {
+                            generation: current.generation,
+                            channel: current.channel.id(),
+                            arrived: Instant::now(),
+                            delivery: d,
+                        })
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "RabbitMQ consumer failed; starting a new one");
+                    *intake = None;
+                }
+                Ok(None) => {
+                    tracing::warn!("RabbitMQ consumer was cancelled; starting a new one");
+                    *intake = None;
+                }
+            }
+        }
+    }
+
+    /// Starts the consumer on the current connection if it is not running there.
+    async fn ensure_intake(&self, session: &Session, intake: &mut Option<Intake>) -> Result<()> {
+        if let Some(i) = intake.as_ref() {
+            if i.generation == session.generation && i.channel.status().connected() {
+                return Ok(());
+            }
+        }
+        // The old channel (if any) is gone; the broker redelivers what it held.
+        *intake = None;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| broker("channel.open", e))?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| broker("basic.qos", e))?;
+        let consumer = channel
+            .basic_consume(
+                self.names.work.as_str().into(),
+                format!("sluice-{}-{}", self.nonce, session.generation).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| broker("basic.consume", e))?;
+        *intake = Some(Intake {
+            generation: session.generation,
+            channel,
+            consumer,
+        });
+        Ok(())
+    }
+
+    /// Moves deliveries that already arrived into the pending buffer, without waiting.
+    fn drain_ready(&self, intake: &mut Intake) {
+        while let Some(Some(Ok(d))) = intake.consumer.next().now_or_never() {
+            self.pending
+                .lock()
+                .expect("pending buffer")
+                .push_back(Pending {
+                    generation: intake.generation,
+                    channel: intake.channel.id(),
+                    arrived: Instant::now(),
+                    delivery: d,
+                });
+        }
+    }
+
+    /// Turns a raw delivery into a leased [`Delivery`], or forwards a copy that is not due yet
+    /// to the next delay step (and returns `None`).
+    async fn admit(&self, session: &Session, p: Pending) -> Option<Delivery> {
+        let raw = p.delivery;
+        if p.generation != session.generation || !raw.acker.usable() {
+            // Its channel is gone; the broker redelivers it.
+            return None;
+        }
+        let top = raw.properties.headers().clone().unwrap_or_default();
+        let trusted = raw.exchange.as_str().is_empty() && top.contains_key(own_header::RETRIES);
+        let (producer, envelope) = split_headers(&top, trusted);
+        let now = SystemTime::now();
+        let id = message_id(&raw.properties, &raw.data);
+        if let Some(due) = envelope.due_at {
+            let left = due.duration_since(now).unwrap_or_default();
+            if left >= self.names.smallest_step() {
+                self.forward(session, &raw, &id, &producer, &envelope, left)
+                    .await;
+                return None;
+            }
+        }
+        let returns = if raw.redelivered {
+            top.inner()
+                .get("x-delivery-count")
+                .and_then(as_u64)
+                .map_or(1, |n| n as u32)
+        } else {
+            0
+        };
+        let enqueued_at = raw
+            .properties
+            .timestamp()
+            .map_or(now, |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        let receipt = format!(
+            "{}:{}:{}:{}",
+            self.nonce, p.generation, p.channel, raw.delivery_tag
+        );
+        let arrived = Instant::now();
+        let hold_until = p.arrived + self.config.max_hold;
+        let delivery = Delivery {
+            id: id.clone(),
+            body: raw.data,
+            headers: to_headers(&producer),
+            attempt: envelope.retries + returns + 1,
+            enqueued_at,
+            first_failure_at: envelope.first_failure_at,
+            receipt: receipt.clone(),
+        };
+        let lease = Lease {
+            id,
+            generation: p.generation,
+            acker: raw.acker,
+            deadline: (arrived + self.opts.lease).min(hold_until),
+            hold_until,
+            properties: raw.properties,
+            producer,
+            envelope,
+            enqueued_at,
+        };
+        self.leases
+            .lock()
+            .expect("lease map")
+            .insert(receipt, lease);
+        Some(delivery)
+    }
+
+    /// A delayed copy came back early (the ladder rounds down): on to the next step.
+    async fn forward(
+        &self,
+        session: &Session,
+        raw: &lapin::message::Delivery,
+        id: &str,
+        producer: &FieldTable,
+        envelope: &Envelope,
+        left: Duration,
+    ) {
+        let headers = copy_headers(producer, &envelope.retry_entries());
+        let properties = copy_properties(&raw.properties, id, headers);
+        let step = self.names.route(left);
+        match self
+            .publish_confirmed(session, "", step, &raw.data, properties)
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = raw.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(id, error = %e, "forwarded a delayed copy but could not ack the old one: it is duplicated");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(id, error = %e, "could not forward a delayed copy; it returns to the queue");
+                requeue(&raw.acker).await;
+            }
+        }
+    }
+
+    // --- settling -----------------------------------------------------------------------------
+
+    /// Takes the lease of `d` out of the map: from here on this call settles it.
+    async fn take_lease(&self, d: &Delivery) -> Result<Lease> {
+        let lease = {
+            let mut leases = self.leases.lock().expect("lease map");
+            match leases.remove(&d.receipt) {
+                Some(l) if l.id == d.id => l,
+                Some(l) => {
+                    leases.insert(d.receipt.clone(), l);
+                    return Err(Error::LeaseLost(d.id.clone()));
+                }
+                None => return Err(Error::LeaseLost(d.id.clone())),
+            }
+        };
+        if lease.deadline <= Instant::now() {
+            // Ran out before the keeper noticed: it goes back, and the holder lost it.
+            requeue(&lease.acker).await;
+            return Err(Error::LeaseLost(d.id.clone()));
+        }
+        Ok(lease)
+    }
+
+    /// The session a copy of `lease` is published on: the lease's own connection. Once that is
+    /// gone the broker redelivers the original, so a copy would only duplicate it.
+    async fn session_of(&self, lease: &Lease, d: &Delivery) -> Result<Arc<Session>> {
+        let session = self.session().await?;
+        if session.generation != lease.generation || !lease.acker.usable() {
+            return Err(Error::LeaseLost(d.id.clone()));
+        }
+        Ok(session)
+    }
+
+    /// Puts a lease back after a failed settle, so it runs out as usual.
+    fn restore(&self, d: &Delivery, lease: Lease) {
+        self.leases
+            .lock()
+            .expect("lease map")
+            .insert(d.receipt.clone(), lease);
+    }
+
+    async fn ack(&self, d: &Delivery) -> Result<()> {
+        let lease = self.take_lease(d).await?;
+        settled(lease.acker.ack(BasicAckOptions::default()).await, &d.id)
+    }
+
+    async fn release(&self, d: &Delivery) -> Result<()> {
+        let lease = self.take_lease(d).await?;
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        settled(lease.acker.nack(requeue).await, &d.id)
+    }
+
+    async fn extend(&self, d: &Delivery, lease: Duration) -> Result<()> {
+        let now = Instant::now();
+        let expired = {
+            let mut leases = self.leases.lock().expect("lease map");
+            match leases.get_mut(&d.receipt) {
+                Some(l) if l.id == d.id && l.deadline > now && l.hold_until > now => {
+                    l.deadline = (now + lease).min(l.hold_until);
+                    return Ok(());
+                }
+                Some(l) if l.id == d.id => leases.remove(&d.receipt),
+                _ => None,
+            }
+        };
+        if let Some(l) = expired {
+            requeue(&l.acker).await;
+        }
+        Err(Error::LeaseLost(d.id.clone()))
+    }
+
+    async fn retry_after(&self, d: &Delivery, delay: Duration, failure: &Failure) -> Result<()> {
+        let lease = self.take_lease(d).await?;
+        let envelope = Envelope {
+            // The copy's own deliveries count on from here.
+            retries: d.attempt,
+            due_at: (delay >= self.names.smallest_step()).then(|| SystemTime::now() + delay),
+            first_failure_at: Some(lease.envelope.first_failure_at.unwrap_or(failure.at)),
+            last_failure_at: Some(failure.at),
+            last_error: Some(cut(&failure.reason, MAX_ERROR_BYTES)),
+            error_class: Some(failure.class),
+            redriven: lease.envelope.redriven,
+            ..Envelope::default()
+        };
+        let headers = copy_headers(&lease.producer, &envelope.retry_entries());
+        let properties = copy_properties_at(&lease.properties, &d.id, headers, lease.enqueued_at);
+        let result = match self.session_of(&lease, d).await {
+            Ok(session) => {
+                self.publish_confirmed(&session, "", self.names.route(delay), &d.body, properties)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => settled(lease.acker.ack(BasicAckOptions::default()).await, &d.id),
+            Err(e) => {
+                self.restore(d, lease);
+                Err(e)
+            }
+        }
+    }
+
+    async fn dead_letter(&self, d: &Delivery, failure: &Failure) -> Result<()> {
+        let lease = self.take_lease(d).await?;
+        let first = lease.envelope.first_failure_at.unwrap_or(failure.at);
+        let entries = vec![
+            (header::FUNCTION, self.opts.function.clone()),
+            (header::ERROR_CLASS, failure.class.as_str().to_owned()),
+            (header::LAST_ERROR, cut(&failure.reason, MAX_ERROR_BYTES)),
+            (header::ATTEMPTS, d.attempt.to_string()),
+            (header::FIRST_FAILURE_AT, rfc3339(first)),
+            (header::LAST_FAILURE_AT, rfc3339(failure.at)),
+            (header::ORIGINAL_QUEUE, self.names.work.clone()),
+            (own_header::REDRIVEN, lease.envelope.redriven.to_string()),
+            (own_header::DEAD_LETTERED_AT, rfc3339(SystemTime::now())),
+        ];
+        let headers = copy_headers(&lease.producer, &entries);
+        let properties = copy_properties_at(&lease.properties, &d.id, headers, lease.enqueued_at);
+        let result = match self.session_of(&lease, d).await {
+            Ok(session) => {
+                self.publish_confirmed(&session, "", &self.names.dlq, &d.body, properties)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => settled(lease.acker.ack(BasicAckOptions::default()).await, &d.id),
+            Err(e) => {
+                self.restore(d, lease);
+                Err(e)
+            }
+        }
+    }
+
+    // --- inspection ---------------------------------------------------------------------------
+
+    async fn stats(&self) -> Result<QueueStats> {
+        let session = self.session().await?;
+        let (ready, delayed, dead_lettered) = {
+            let admin = session.admin().await?;
+            let ch = admin.as_ref().expect("admin channel");
+            let ready = queue_depth(ch, &self.names.work).await?;
+            let mut delayed = 0;
+            for (_, name) in &self.names.delays {
+                delayed += queue_depth(ch, name).await?;
+            }
+            (ready, delayed, queue_depth(ch, &self.names.dlq).await?)
+        };
+        // Deliveries that reached this process but were not handed out are still ready work.
+        if let Ok(mut intake) = self.intake.try_lock() {
+            if let Some(i) = intake.as_mut() {
+                self.drain_ready(i);
+            }
+        }
+        let prefetched = self.pending.lock().expect("pending buffer").len() as u64;
+        let in_flight = self.leases.lock().expect("lease map").len() as u64;
+        Ok(QueueStats {
+            ready: ready + prefetched,
+            in_flight,
+            delayed,
+            dead_lettered,
+        })
+    }
+
+    async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let session = self.session().await?;
+        let mut scan = DlqScan::start(&session, &self.names.dlq).await?;
+        let mut out = Vec::new();
+        let result = async {
+            while out.len() < limit {
+                let Some(m) = scan.next().await? else { break };
+                out.push(self.dead_letter_from(&m));
+                scan.keep(&m);
+            }
+            Ok(())
+        }
+        .await;
+        scan.finish(result).await?;
+        Ok(out)
+    }
+
+    async fn dlq_get(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let session = self.session().await?;
+        let mut scan = DlqScan::start(&session, &self.names.dlq).await?;
+        let mut found = None;
+        let result = async {
+            for _ in 0..DLQ_SCAN_LIMIT {
+                let Some(m) = scan.next().await? else { break };
+                scan.keep(&m);
+                if message_id(&m.properties, &m.data) == id {
+                    found = Some(self.dead_letter_from(&m));
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        scan.finish(result).await?;
+        Ok(found)
+    }
+
+    async fn redrive(&self, filter: &RedriveFilter) -> Result<Vec<DeadLetter>> {
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let session = self.session().await?;
+        let mut scan = DlqScan::start(&session, &self.names.dlq).await?;
+        let mut out = Vec::new();
+        let result = async {
+            for _ in 0..DLQ_SCAN_LIMIT {
+                if out.len() >= limit {
+                    break;
+                }
+                let Some(m) = scan.next().await? else { break };
+                let dl = self.dead_letter_from(&m);
+                if !filter.error_class.is_none_or(|c| c == dl.error_class) {
+                    scan.keep(&m);
+                    continue;
+                }
+                if filter.dry_run {
+                    scan.keep(&m);
+                    out.push(dl);
+                    continue;
+                }
+                let ((producer, _), _) = self.dead_letter_parts(&m);
+                let entries = [
+                    (own_header::RETRIES, "0".to_owned()),
+                    (own_header::REDRIVEN, (dl.redriven + 1).to_string()),
+                    (own_header::REDRIVEN_FROM, self.names.dlq.clone()),
+                    (own_header::REDRIVEN_AT, rfc3339(SystemTime::now())),
+                ];
+                let properties =
+                    copy_properties(&m.properties, &dl.id, copy_headers(&producer, &entries));
+                // Confirmed on the work queue before the DLQ copy goes.
+                self.publish_confirmed(&session, "", &self.names.work, &m.data, properties)
+                    .await?;
+                scan.remove(&m).await?;
+                out.push(dl);
+            }
+            Ok(())
+        }
+        .await;
+        scan.finish(result).await?;
+        Ok(out)
+    }
+
+    /// Splits a DLQ message: (producer headers, our envelope), and the broker's `x-death`
+    /// entry when the broker dead-lettered it (crash-loop guard) rather than this adapter.
+    fn dead_letter_parts(
+        &self,
+        m: &lapin::message::Delivery,
+    ) -> ((FieldTable, Envelope), Option<FieldTable>) {
+        let top = m.properties.headers().clone().unwrap_or_default();
+        let death = top
+            .inner()
+            .get("x-death")
+            .and_then(|v| match v {
+                AMQPValue::FieldArray(a) => a.as_slice().first().cloned(),
+                _ => None,
+            })
+            .and_then(|v| match v {
+                AMQPValue::FieldTable(t) => Some(t),
+                _ => None,
+            });
+        // Our own dead letters never carry x-death (it is stripped from copies). A broker dead
+        // letter is our copy only if it had come through the default exchange, like any copy.
+        let trusted = match &death {
+            None => true,
+            Some(d) => {
+                d.inner().get("exchange").map(as_string).unwrap_or_default() == ""
+                    && top.contains_key(own_header::RETRIES)
+            }
+        };
+        (split_headers(&top, trusted), death)
+    }
+
+    fn dead_letter_from(&self, m: &lapin::message::Delivery) -> DeadLetter {
+        let ((producer, env), death) = self.dead_letter_parts(m);
+        let now = SystemTime::now();
+        let mut dl = match death {
+            Some(death) => {
+                let get = |k: &str| death.inner().get(k).map(as_string).unwrap_or_default();
+                let at = death
+                    .inner()
+                    .get("time")
+                    .and_then(as_u64)
+                    .map_or(now, |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+                let reason = get("reason");
+                let queue = Some(get("queue"))
+                    .filter(|q| !q.is_empty())
+                    .unwrap_or_else(|| self.names.work.clone());
+                let (class, attempts, last_error) = if reason == "delivery_limit" {
+                    let n = env.retries + self.opts.max_deliveries.max(1);
+                    (
+                        FailureClass::CrashLoop,
+                        n,
+                        format!(
+                            "delivered {n} times without being settled (RabbitMQ x-delivery-limit): the worker crashed or lost its lease each time"
+                        ),
+                    )
+                } else {
+                    (
+                        FailureClass::Permanent,
+                        env.retries + 1,
+                        format!("dead-lettered by RabbitMQ from {queue}: {reason}"),
+                    )
+                };
+                DeadLetter {
+                    id: message_id(&m.properties, &m.data),
+                    attempts,
+                    error_class: class,
+                    last_error,
+                    body: None,
+                    body_hex: None,
+                    headers: to_headers(&producer),
+                    function: self.opts.function.clone(),
+                    original_queue: queue,
+                    first_failure_at: rfc3339(env.first_failure_at.unwrap_or(at)),
+                    last_failure_at: rfc3339(at),
+                    redriven: env.redriven,
+                    raw_body: Vec::new(),
+                }
+            }
+            None => DeadLetter {
+                id: message_id(&m.properties, &m.data),
+                attempts: env.attempts.unwrap_or(1),
+                error_class: env.error_class.unwrap_or(FailureClass::Permanent),
+                last_error: env.last_error.clone().unwrap_or_default(),
+                body: None,
+                body_hex: None,
+                headers: to_headers(&producer),
+                function: env
+                    .function
+                    .clone()
+                    .unwrap_or_else(|| self.opts.function.clone()),
+                original_queue: env
+                    .original_queue
+                    .clone()
+                    .unwrap_or_else(|| self.names.work.clone()),
+                first_failure_at: rfc3339(env.first_failure_at.unwrap_or(now)),
+                last_failure_at: rfc3339(env.last_failure_at.unwrap_or(now)),
+                redriven: env.redriven,
+                raw_body: Vec::new(),
+            },
+        };
+        dl.set_body(m.data.clone());
+        dl
+    }
+}
+
+/// A pass over the DLQ on the admin channel: `basic.get` without auto-ack, then every message
+/// kept is returned in place with one `basic.nack` (multiple, requeue). Classic queues apply
+/// that before the next command of the same channel, so counts and peeks right after see it.
+struct DlqScan<'s> {
+    slot: tokio::sync::MutexGuard<'s, Option<Channel>>,
+    channel: Channel,
+    dlq: &'s str,
+    /// Highest delivery tag kept: every unacked message on the channel up to it is one we keep.
+    kept: Option<u64>,
+}
+
+impl<'s> DlqScan<'s> {
+    async fn start(session: &'s Session, dlq: &'s str) -> Result<Self> {
+        let slot = session.admin().await?;
+        let channel = slot.as_ref().expect("admin channel").clone();
+        Ok(Self {
+            slot,
+            channel,
+            dlq,
+            kept: None,
+        })
+    }
+
+    async fn next(&mut self) -> Result<Option<lapin::message::Delivery>> {
+        let got = self
+            .channel
+            .basic_get(self.dlq.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| broker("basic.get", e))?;
+        Ok(got.map(|m| m.delivery))
+    }
+
+    fn keep(&mut self, m: &lapin::message::Delivery) {
+        self.kept = Some(m.delivery_tag);
+    }
+
+    /// Acks a message that was moved elsewhere (and confirmed there).
+    async fn remove(&mut self, m: &lapin::message::Delivery) -> Result<()> {
+        self.channel
+            .basic_ack(m.delivery_tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| broker("basic.ack", e))
+    }
+
+    /// Returns what was kept; on an error, drops the channel instead (closing it returns
+    /// every unacked message all the same).
+    async fn finish(mut self, result: Result<()>) -> Result<()> {
+        if result.is_ok() {
+            if let Some(tag) = self.kept {
+                let back = BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                match self.channel.basic_nack(tag, back).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        *self.slot = None;
+                        return Err(broker("basic.nack", e));
+                    }
+                }
+            }
+            return result;
+        }
+        *self.slot = None;
+        result
+    }
+}
+
+impl Session {
+    /// The publisher channel (confirms on), reopened if it was closed.
+    async fn publisher(&self) -> Result<Channel> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(ch) = slot.as_ref() {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| broker("channel.open", e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| broker("confirm.select", e))?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// The admin channel, reopened if it was closed (a failed passive declare closes it);
+    /// held by one operation at a time.
+    async fn admin(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Channel>>> {
+        let mut slot = self.admin.lock().await;
+        if !slot.as_ref().is_some_and(|ch| ch.status().connected()) {
+            let ch = self
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| broker("channel.open", e))?;
+            *slot = Some(ch);
+        }
+        Ok(slot)
+    }
+}
+
+impl Envelope {
+    /// Reads our `sluice-*` headers (only called on trusted copies).
+    fn read(&mut self, name: &str, value: &AMQPValue) {
+        let text = as_string(value);
+        let time = || humantime::parse_rfc3339(&text).ok();
+        match name {
+            own_header::RETRIES => self.retries = text.parse().unwrap_or(0),
+            own_header::DUE_AT => self.due_at = time(),
+            own_header::REDRIVEN => self.redriven = text.parse().unwrap_or(0),
+            header::FIRST_FAILURE_AT => self.first_failure_at = time(),
+            header::LAST_FAILURE_AT => self.last_failure_at = time(),
+            header::LAST_ERROR => self.last_error = Some(text),
+            header::ERROR_CLASS => self.error_class = FailureClass::parse(&text),
+            header::FUNCTION => self.function = Some(text),
+            header::ATTEMPTS => self.attempts = text.parse().ok(),
+            header::ORIGINAL_QUEUE => self.original_queue = Some(text),
+            _ => {}
+        }
+    }
+
+    /// The headers of a copy on its way back to the work queue.
+    fn retry_entries(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![(own_header::RETRIES, self.retries.to_string())];
+        if let Some(t) = self.due_at {
+            out.push((own_header::DUE_AT, rfc3339(t)));
+        }
+        if let Some(t) = self.first_failure_at {
+            out.push((header::FIRST_FAILURE_AT, rfc3339(t)));
+        }
+        if let Some(t) = self.last_failure_at {
+            out.push((header::LAST_FAILURE_AT, rfc3339(t)));
+        }
+        if let Some(e) = &self.last_error {
+            out.push((header::LAST_ERROR, e.clone()));
+        }
+        if let Some(c) = self.error_class {
+            out.push((header::ERROR_CLASS, c.as_str().to_owned()));
+        }
+        out.push((own_header::REDRIVEN, self.redriven.to_string()));
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers and properties
+
+/// Splits message headers into the producer's and our envelope. On a trusted copy every
+/// top-level `sluice-*` header is ours and the producer's own `sluice-*` ones come out of the
+/// nested table; otherwise every header is the producer's. Broker bookkeeping is dropped.
+fn split_headers(top: &FieldTable, trusted: bool) -> (FieldTable, Envelope) {
+    let mut producer = FieldTable::default();
+    let mut envelope = Envelope::default();
+    for (name, value) in top {
+        let name = name.as_str();
+        if BROKER_HEADERS.contains(&name) {
+            continue;
+        }
+        if trusted && name.starts_with(header::RESERVED_PREFIX) {
+            if name == own_header::PRODUCER_HEADERS {
+                if let AMQPValue::FieldTable(t) = value {
+                    for (k, v) in t {
+                        producer.insert(k.clone(), v.clone());
+                    }
+                }
+            } else {
+                envelope.read(name, value);
+            }
+            continue;
+        }
+        producer.insert(name.into(), value.clone());
+    }
+    (producer, envelope)
+}
+
+/// The headers of a copy: the producer's (their `sluice-*` ones nested apart) plus ours.
+fn copy_headers(producer: &FieldTable, ours: &[(&str, String)]) -> FieldTable {
+    let mut out = FieldTable::default();
+    let mut nested = FieldTable::default();
+    for (name, value) in producer {
+        if name.as_str().starts_with(header::RESERVED_PREFIX) {
+            nested.insert(name.clone(), value.clone());
+        } else {
+            out.insert(name.clone(), value.clone());
+        }
+    }
+    if !nested.inner().is_empty() {
+        out.insert(
+            own_header::PRODUCER_HEADERS.into(),
+            AMQPValue::FieldTable(nested),
+        );
+    }
+    for (name, value) in ours {
+        out.insert((*name).into(), long_string(value));
+    }
+    out
+}
+
+/// Properties of a copy: the original's, minus what must not be copied (`expiration` would
+/// expire the copy on a delay step; `user-id` is checked against our connection's user).
+fn copy_properties(orig: &BasicProperties, id: &str, headers: FieldTable) -> BasicProperties {
+    let enqueued = orig.timestamp().map_or_else(SystemTime::now, |s| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+    });
+    copy_properties_at(orig, id, headers, enqueued)
+}
+
+fn copy_properties_at(
+    orig: &BasicProperties,
+    id: &str,
+    headers: FieldTable,
+    enqueued_at: SystemTime,
+) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_timestamp(unix_secs(enqueued_at))
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(headers);
+    if let Some(v) = orig.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = orig.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = orig.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = orig.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = orig.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = orig.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = orig.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    p
+}
+
+/// Producer headers as strings, names in lower case.
+fn to_headers(t: &FieldTable) -> Headers {
+    t.into_iter()
+        .map(|(k, v)| (k.as_str().to_ascii_lowercase(), as_string(v)))
+        .collect()
+}
+
+fn field_table(h: &Headers) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in h {
+        t.insert(k.as_str().into(), long_string(v));
+    }
+    t
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// A header value as text (numbers in decimal, tables and arrays as JSON).
+fn as_string(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ByteArray(b) => hex::encode(b.as_slice()),
+        AMQPValue::Void => String::new(),
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) | AMQPValue::DecimalValue(_) => {
+            serde_json::to_string(v).unwrap_or_default()
+        }
+        other => as_u64(other)
+            .map(|n| n.to_string())
+            .or_else(|| as_i64(other).map(|n| n.to_string()))
+            .or_else(|| match other {
+                AMQPValue::Float(f) => Some(f.to_string()),
+                AMQPValue::Double(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .unwrap_or_default(),
+    }
+}
+
+fn as_i64(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        _ => return as_u64(v).and_then(|n| i64::try_from(n).ok()),
+    })
+}
+
+fn as_u64(v: &AMQPValue) -> Option<u64> {
+    match v {
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::Timestamp(n) => Some(*n),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The message id: `message-id` as published, or (for producers that set none) a digest of
+/// the content, which stays the same across redeliveries.
+fn message_id(p: &BasicProperties, body: &[u8]) -> String {
+    if let Some(id) = p.message_id() {
+        return id.as_str().to_owned();
+    }
+    let mut h = Sha256::new();
+    h.update(body);
+    h.update(format!("{:?}{:?}", p.timestamp(), p.headers()).as_bytes());
+    format!("sha256-{}", &hex::encode(h.finalize())[..32])
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Limits checked before any network call.
+fn check_outgoing(m: &OutgoingMessage) -> Result<()> {
+    if m.body.len() > MAX_BODY_BYTES {
+        return Err(Error::Limit(format!(
+            "body is {} bytes, RabbitMQ accepts at most {MAX_BODY_BYTES} (max_message_size)",
+            m.body.len()
+        )));
+    }
+    let mut total = 0;
+    for (k, v) in &m.headers {
+        if k.len() > MAX_NAME_BYTES {
+            return Err(Error::Limit(format!(
+                "header name {:?}... is {} bytes, AMQP allows {MAX_NAME_BYTES}",
+                cut(k, 32),
+                k.len()
+            )));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_HEADER_BYTES {
+        return Err(Error::Limit(format!(
+            "headers are {total} bytes, this adapter allows {MAX_HEADER_BYTES} (they must fit in one AMQP frame with the failure history)"
+        )));
+    }
+    Ok(())
+}
+
+fn mandatory() -> BasicPublishOptions {
+    BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    }
+}
+
+fn check_confirm(c: Confirmation, routing_key: &str) -> Result<()> {
+    match c {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(Error::Transport(format!(
+            "rabbitmq: a message to {routing_key:?} was unroutable ({}): is the topology provisioned?",
+            returned.reply_text
+        ))),
+        Confirmation::Nack(_) => Err(Error::Transport(format!(
+            "rabbitmq: the broker refused a message to {routing_key:?} (nack)"
+        ))),
+        Confirmation::NotRequested => Err(Error::Transport(
+            "rabbitmq: publisher confirms are off on the publishing channel".into(),
+        )),
+    }
+}
+
+/// The outcome of an ack/nack through lapin's `Acker`: `Ok(false)` (its channel is gone or it
+/// was settled) and errors both mean the broker will redeliver: the lease is lost.
+fn settled(r: lapin::Result<bool>, id: &str) -> Result<()> {
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::LeaseLost(id.to_owned())),
+        Err(e) => {
+            tracing::debug!(id, error = %e, "settling failed on a closed channel");
+            Err(Error::LeaseLost(id.to_owned()))
+        }
+    }
+}
+
+async fn queue_depth(ch: &Channel, name: &str) -> Result<u64> {
+    let q = ch
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions::default().passive(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| broker(&format!("queue.declare (passive) of {name:?}"), e))?;
+    Ok(u64::from(q.message_count()))
+}
+
+fn broker(what: &str, e: lapin::Error) -> Error {
+    Error::Transport(format!("rabbitmq {what}: {e}"))
+}
+
+fn declare_error(name: &str, e: lapin::Error) -> Error {
+    if let ErrorKind::ProtocolError(amqp) = e.kind() {
+        if amqp.kind() == &AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
+            return Error::Config(format!(
+                "RabbitMQ has {name:?} with other arguments than Sluice declares ({}): a changed \
+                 retry.max_deliveries cannot be applied to an existing queue; use a policy or \
+                 recreate the queue",
+                amqp.get_message()
+            ));
+        }
+    }
+    broker(&format!("declare {name:?}"), e)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract
+
+impl Transport for RabbitTransport {
+    async fn provision(&self) -> Result<()> {
+        let session = self.inner.session().await?;
+        let admin = session.admin().await?;
+        self.inner
+            .declare(admin.as_ref().expect("admin channel"))
+            .await
+    }
+
+    async fn publish(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<String>> {
+        self.inner.publish(msgs).await
+    }
+
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        self.inner.receive(max, wait).await
+    }
+
+    async fn ack(&self, d: &Delivery) -> Result<()> {
+        self.inner.ack(d).await
+    }
+
+    async fn retry_after(&self, d: &Delivery, delay: Duration, failure: &Failure) -> Result<()> {
+        self.inner.retry_after(d, delay, failure).await
+    }
+
+    async fn dead_letter(&self, d: &Delivery, failure: &Failure) -> Result<()> {
+        self.inner.dead_letter(d, failure).await
+    }
+
+    async fn extend(&self, d: &Delivery, lease: Duration) -> Result<()> {
+        self.inner.extend(d, lease).await
+    }
+
+    async fn release(&self, d: &Delivery) -> Result<()> {
+        self.inner.release(d).await
+    }
+
+    async fn stats(&self) -> Result<QueueStats> {
+        self.inner.stats().await
+    }
+
+    async fn dlq_list(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.inner.dlq_list(limit).await
+    }
+
+    async fn dlq_get(&self, id: &str) -> Result<Option<DeadLetter>> {
+        self.inner.dlq_get(id).await
+    }
+
+    async fn redrive(&self, filter: &RedriveFilter) -> Result<Vec<DeadLetter>> {
+        self.inner.redrive(filter).await
+    }
+}

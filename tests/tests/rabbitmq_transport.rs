@@ -1,0 +1,328 @@
+//! The transport conformance suite on RabbitMQ, plus the adapter's own header and crash-loop
+//! behaviour. Needs the broker: `scripts/services.sh rabbitmq` (URL from
+//! `SLUICE_TEST_RABBITMQ_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//!
+//! Each check uses its own queue name; every test deletes the topologies it made when it ends,
+//! and the queues are declared with `x-expires` ([`EXPIRES`]) so that a failed run leaves
+//! nothing behind for long.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use sluice::{
+    config::LimitSettings,
+    conformance::{poll_until, transport as suite},
+    error::Error,
+    message::{check_envelope, Delivery, Failure, FailureClass, OutgoingMessage, RedriveFilter},
+    transport::{
+        rabbitmq::{RabbitConfig, RabbitTransport, DELAY_LADDER_MS},
+        Transport, TransportOptions,
+    },
+};
+
+/// The broker removes a test's queues this long after their last use, should the test fail
+/// before deleting them.
+const EXPIRES: Duration = Duration::from_secs(10 * 60);
+
+fn url() -> String {
+    std::env::var("SLUICE_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The queues one test made (handles made with the same options share a queue).
+#[derive(Clone, Default)]
+struct Made(Arc<Mutex<Vec<TransportOptions>>>);
+
+impl Made {
+    /// Deletes every topology the test made.
+    async fn cleanup(self) {
+        let made = std::mem::take(&mut *self.0.lock().unwrap());
+        let mut seen = BTreeSet::new();
+        for opts in made {
+            if seen.insert(opts.queue.clone()) {
+                let t = RabbitTransport::open_with(opts, config()).await.unwrap();
+                t.delete_topology().await.expect("delete test topology");
+            }
+        }
+    }
+}
+
+fn config() -> RabbitConfig {
+    RabbitConfig {
+        queue_expires: Some(EXPIRES),
+        ..RabbitConfig::default()
+    }
+}
+
+/// Opens a handle on `opts.queue` and records the queue for cleanup.
+async fn make(mut opts: TransportOptions, made: Made) -> RabbitTransport {
+    opts.url = url();
+    made.0.lock().unwrap().push(opts.clone());
+    RabbitTransport::open_with(opts, config())
+        .await
+        .expect("open rabbitmq transport (is RabbitMQ up? scripts/services.sh rabbitmq)")
+}
+
+async fn receive_one(t: &RabbitTransport) -> Delivery {
+    poll_until(suite::REDELIVERY_TIMEOUT, "a delivery", || async {
+        t.receive(1, Duration::from_millis(200))
+            .await
+            .expect("receive")
+            .pop()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn ack_removes_the_message() {
+    let made = Made::default();
+    suite::ack_removes_the_message(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn retry_after_hides_the_message_until_the_delay() {
+    // The delay ladder rounds down: a delivery comes at most one smallest step early.
+    let rounding = Duration::from_millis(DELAY_LADDER_MS[0]);
+    let made = Made::default();
+    suite::retry_after_hides_the_message_until_the_delay(|o| make(o, made.clone()), rounding).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn dead_letter_keeps_bytes_and_history() {
+    let made = Made::default();
+    suite::dead_letter_keeps_bytes_and_history(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn crash_loop_guard_dead_letters_after_max_deliveries() {
+    let made = Made::default();
+    suite::crash_loop_guard_dead_letters_after_max_deliveries(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn expired_lease_redelivers_and_stale_holder_cannot_settle() {
+    let made = Made::default();
+    suite::expired_lease_redelivers_and_stale_holder_cannot_settle(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn extend_keeps_the_message_leased() {
+    let made = Made::default();
+    suite::extend_keeps_the_message_leased(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn release_returns_the_message_at_once() {
+    let made = Made::default();
+    suite::release_returns_the_message_at_once(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn redrive_moves_dead_letters_back_with_attempts_reset() {
+    let made = Made::default();
+    suite::redrive_moves_dead_letters_back_with_attempts_reset(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_consumers_never_share_a_lease() {
+    let made = Made::default();
+    suite::concurrent_consumers_never_share_a_lease(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn stats_count_each_state() {
+    let made = Made::default();
+    suite::stats_count_each_state(|o| make(o, made.clone())).await;
+    made.cleanup().await;
+}
+
+/// A producer that sets `sluice-*` headers itself must not be trusted: on the first delivery
+/// (and on retry copies) they reach `Delivery::headers`, where the pipeline rejects them, and
+/// they change neither the attempt number nor the failure history.
+#[tokio::test]
+async fn forged_sluice_headers_reach_the_pipeline_and_change_nothing() {
+    let made = Made::default();
+    let t = make(suite::options(suite::LONG_LEASE, 5), made.clone()).await;
+    let forged = OutgoingMessage::new("{}")
+        .header("x-tenant", "acme")
+        .header("sluice-attempts", "7")
+        .header("sluice-retries", "5")
+        .header("sluice-first-failure-at", "2020-01-01T00:00:00.000Z");
+
+    // First delivery: every header as published, attempt 1, no failure history.
+    let id = t.publish(vec![forged.clone()]).await.unwrap().remove(0);
+    let d = receive_one(&t).await;
+    assert_eq!(d.id, id);
+    assert_eq!(
+        d.headers, forged.headers,
+        "forged headers reach the pipeline"
+    );
+    assert_eq!(d.attempt, 1, "a forged sluice-retries is not counted");
+    assert_eq!(d.first_failure_at, None);
+    let (label, reason) = check_envelope(&d.body, &d.headers, &LimitSettings::default())
+        .expect_err("the pipeline rejects forged headers");
+    assert_eq!(label, "forged header");
+
+    // Even if such a message were retried, the forged headers stay the producer's.
+    t.retry_after(
+        &d,
+        Duration::ZERO,
+        &Failure::now(FailureClass::Transient, "first"),
+    )
+    .await
+    .unwrap();
+    let again = receive_one(&t).await;
+    assert_eq!(again.headers, forged.headers);
+    assert_eq!(again.attempt, 2);
+    // The real first failure, not the forged 2020-01-01.
+    let september_2020 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    assert!(again.first_failure_at.unwrap() > september_2020);
+
+    // Dead-lettered as the pipeline does: the producer's headers are kept as they were.
+    t.dead_letter(&again, &Failure::now(FailureClass::Permanent, reason))
+        .await
+        .unwrap();
+    let dl = t.dlq_get(&id).await.unwrap().expect("dead letter");
+    assert_eq!(dl.headers, forged.headers);
+    assert_eq!(dl.attempts, 2);
+    assert_eq!(dl.error_class, FailureClass::Permanent);
+    assert!(dl.last_error.contains("reserved"), "{}", dl.last_error);
+    drop(t);
+    made.cleanup().await;
+}
+
+/// The quorum queue's `x-delivery-limit` dead-letters a message that keeps coming back
+/// unsettled (here: released twice); it is listed as `crash_loop` and can be redriven.
+#[tokio::test]
+async fn a_message_over_the_delivery_limit_lands_in_the_dlq_as_crash_loop() {
+    let made = Made::default();
+    let opts = suite::options(suite::LONG_LEASE, 2);
+    let queue = opts.queue.clone();
+    let t = make(opts, made.clone()).await;
+    let id = t
+        .publish(vec![OutgoingMessage::new("{}").header("x-tenant", "acme")])
+        .await
+        .unwrap()
+        .remove(0);
+    for attempt in 1..=2 {
+        let d = receive_one(&t).await;
+        assert_eq!((d.id.as_str(), d.attempt), (id.as_str(), attempt));
+        t.release(&d).await.unwrap();
+    }
+    let dl = poll_until(
+        suite::REDELIVERY_TIMEOUT,
+        "the crash-loop dead letter",
+        || async { t.dlq_get(&id).await.unwrap() },
+    )
+    .await;
+    assert_eq!(dl.error_class, FailureClass::CrashLoop);
+    assert_eq!(dl.attempts, 2);
+    assert_eq!(dl.original_queue, queue);
+    assert_eq!(dl.function, "conformance");
+    assert!(
+        dl.last_error.contains("x-delivery-limit"),
+        "{}",
+        dl.last_error
+    );
+    assert_eq!(dl.headers.get("x-tenant").map(String::as_str), Some("acme"));
+    assert!(
+        !dl.headers.contains_key("x-death"),
+        "broker bookkeeping is not shown as a producer header"
+    );
+    let s = t.stats().await.unwrap();
+    assert_eq!((s.ready, s.in_flight, s.dead_lettered), (0, 0, 1), "{s:?}");
+
+    let moved = t
+        .redrive(&RedriveFilter {
+            error_class: Some(FailureClass::CrashLoop),
+            ..RedriveFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1);
+    let d = receive_one(&t).await;
+    assert_eq!((d.id.as_str(), d.attempt), (id.as_str(), 1));
+    assert_eq!(d.headers.get("x-tenant").map(String::as_str), Some("acme"));
+    t.ack(&d).await.unwrap();
+    drop(t);
+    made.cleanup().await;
+}
+
+/// Closes, from the broker's side, the connection of the handle on `queue` (as a network failure
+/// would), with `rabbitmqctl`. Returns false when `rabbitmqctl` is not installed here.
+async fn kill_connection_of(queue: &str) -> bool {
+    let name = format!("sluice conformance on {queue}");
+    let Ok(out) = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .await
+    else {
+        return false;
+    };
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let pid = listing
+        .lines()
+        .find(|l| l.contains(&name))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("no connection named {name:?} in:\n{listing}"));
+    let status = tokio::process::Command::new("rabbitmqctl")
+        .args(["close_connection", pid, "test: simulated connection loss"])
+        .output()
+        .await
+        .expect("rabbitmqctl close_connection")
+        .status;
+    assert!(status.success(), "rabbitmqctl close_connection failed");
+    true
+}
+
+/// When the connection dies, the handle reconnects by itself; the broker redelivers what the
+/// dead connection held (the return counts as a delivery), and a receipt from the dead
+/// connection can no longer be settled.
+#[tokio::test]
+async fn a_lost_connection_is_replaced_and_its_deliveries_cannot_be_settled() {
+    let made = Made::default();
+    let opts = suite::options(suite::LONG_LEASE, 5);
+    let queue = opts.queue.clone();
+    let t = make(opts, made.clone()).await;
+    let id = t
+        .publish(vec![OutgoingMessage::new("{}")])
+        .await
+        .unwrap()
+        .remove(0);
+    let before = receive_one(&t).await;
+    assert_eq!(before.attempt, 1);
+    if !kill_connection_of(&queue).await {
+        eprintln!("skipped: rabbitmqctl is not installed");
+        made.cleanup().await;
+        return;
+    }
+    let after = receive_one(&t).await;
+    assert_eq!(after.id, id);
+    assert_eq!(after.attempt, 2, "the dead connection's return counts");
+    assert!(
+        matches!(t.ack(&before).await, Err(Error::LeaseLost(_))),
+        "a delivery of the dead connection cannot be settled"
+    );
+    t.ack(&after).await.expect("ack on the new connection");
+    t.publish(vec![OutgoingMessage::new("{}")]).await.unwrap();
+    let s = t.stats().await.unwrap();
+    assert_eq!(
+        (s.in_flight, s.delayed, s.dead_lettered),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    drop(t);
+    made.cleanup().await;
+}
