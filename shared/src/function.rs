@@ -88,7 +88,13 @@ where
     }
 
     /// Parses the command line and runs the chosen command; returns the process exit code.
+    /// Under a Lambda runtime (`AWS_LAMBDA_RUNTIME_API` set, feature `lambda`) it serves SQS
+    /// events instead.
     pub fn main(self) -> ExitCode {
+        #[cfg(feature = "lambda")]
+        if crate::lambda::in_lambda() {
+            return crate::lambda::main(self);
+        }
         crate::cli::main(self)
     }
 

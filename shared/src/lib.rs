@@ -64,6 +64,8 @@ pub mod conformance;
 pub mod error;
 pub mod function;
 pub mod handler;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod message;
 pub mod ratelimit;
 pub mod retry;

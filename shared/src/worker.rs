@@ -79,6 +79,17 @@ enum Verdict {
     Abandon,
 }
 
+/// Time limits of one delivery: from the settings in container mode; from the invocation's
+/// remaining time in Lambda mode, so a timed-out invocation never leaves a claim held longer
+/// than the invocation could run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    /// Lease of the idempotency claim.
+    pub(crate) claim_lease: Duration,
+    /// Timeout of each handler try.
+    pub(crate) handler_timeout: Duration,
+}
+
 /// The idempotency claim held while the handler runs (shared with the lease keeper):
 /// key, payload fingerprint, fencing token.
 type HeldClaim = Mutex<Option<(String, String, Token)>>;
@@ -132,8 +143,16 @@ where
         };
         // Once: no immediate retries, so a failure shows as it happened.
         let effects = crate::handler::Effects::default();
-        self.call_once(&d, input, &key, &CancellationToken::new(), &effects)
-            .await
+        let timeout = self.settings.worker.handler_timeout;
+        self.call_once(
+            &d,
+            input,
+            &key,
+            &CancellationToken::new(),
+            &effects,
+            timeout,
+        )
+        .await
     }
 
     /// Runs the intake loop until `shutdown` fires (or, with `drain`, the queue is empty),
@@ -278,7 +297,8 @@ where
             // True while this message holds the breaker's probe without having given it a
             // verdict; a probe that ends without one (bad input, duplicate) is handed back.
             let probe = AtomicBool::new(probe);
-            let decide = self.decide(&d, &held, &cancel, &probe);
+            let budget = self.budget();
+            let decide = self.decide(&d, &held, &cancel, &probe, &budget);
             tokio::pin!(decide);
             let verdict = tokio::select! {
                 v = &mut decide => v,
@@ -307,6 +327,86 @@ where
         .await
     }
 
+    /// The pipeline for one record of a Lambda invocation: the same decision as
+    /// [`Runtime::process`], settled the Lambda way. Returns whether the record must be
+    /// reported in `batchItemFailures` (Lambda then leaves it to its visibility timeout).
+    ///
+    /// - done or duplicate: not reported (Lambda deletes it);
+    /// - retry after d: `retry_after` first (a delayed copy on standard SQS queues, the
+    ///   original's visibility set to d on FIFO queues); reported only when the original stays;
+    /// - dead letter: sent to the DLQ with its history, not reported;
+    /// - out of time or lease lost, or any settle that failed: reported.
+    #[cfg(feature = "lambda")]
+    pub(crate) async fn process_record(
+        &self,
+        d: Delivery,
+        budget: Budget,
+        retry_keeps_original: bool,
+    ) -> bool {
+        let span = tracing::info_span!(
+            "message",
+            function = %self.function,
+            queue = %self.settings.queue,
+            message_id = %d.id,
+            attempt = d.attempt,
+            idempotency_key = Empty,
+            outcome = Empty,
+        );
+        async {
+            let started = Instant::now();
+            inc(&self.metrics.received);
+            let held: HeldClaim = Mutex::new(None);
+            let cancel = CancellationToken::new();
+            let probe = AtomicBool::new(false);
+            let decide = self.decide(&d, &held, &cancel, &probe, &budget);
+            tokio::pin!(decide);
+            let verdict = tokio::select! {
+                v = &mut decide => v,
+                // The invocation's time is up: tell the handler, then give the record back.
+                _ = tokio::time::sleep(budget.claim_lease) => {
+                    cancel.cancel();
+                    match tokio::time::timeout(CANCEL_GRACE, &mut decide).await {
+                        Ok(Verdict::Abandon) | Err(_) => Verdict::Release,
+                        Ok(v) => v,
+                    }
+                }
+            };
+            if matches!(verdict, Verdict::Release) {
+                self.release_claim(&held).await;
+            }
+            if probe.load(Relaxed) {
+                self.breaker.probe_abandoned();
+            }
+            let report = match &verdict {
+                Verdict::Ack { duplicate } => {
+                    inc(if *duplicate {
+                        &self.metrics.duplicates_skipped
+                    } else {
+                        &self.metrics.succeeded
+                    });
+                    tracing::Span::current().record(
+                        "outcome",
+                        if *duplicate { "duplicate" } else { "succeeded" },
+                    );
+                    false
+                }
+                Verdict::Release | Verdict::Abandon => {
+                    tracing::Span::current().record("outcome", "returned");
+                    true
+                }
+                Verdict::Retry { .. } | Verdict::DeadLetter { .. } => {
+                    let retry = matches!(verdict, Verdict::Retry { .. });
+                    let settled = self.settle(&d, verdict).await;
+                    !settled || (retry && retry_keeps_original)
+                }
+            };
+            self.metrics.observe(started.elapsed());
+            report
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Decides what happens to the message. Does not touch the broker.
     async fn decide(
         &self,
@@ -314,6 +414,7 @@ where
         held: &HeldClaim,
         cancel: &CancellationToken,
         probe: &AtomicBool,
+        budget: &Budget,
     ) -> Verdict {
         // 1. Decode and validate: bad input is permanent and keeps its bytes.
         let input = match self.decode(d) {
@@ -339,7 +440,7 @@ where
 
         // 3. Claim the record.
         if let Some(store) = &self.store {
-            let lease = self.settings.transport.lease;
+            let lease = budget.claim_lease;
             let fp = fingerprint(&d.body);
             match store.claim(&key, &fp, lease).await {
                 Ok(Claim::Acquired(token)) => {
@@ -404,7 +505,9 @@ where
 
         // 5. The handler, with timeout, immediate retries and panics caught.
         let effects = self.effects();
-        let result = self.call_handler(d, input, &key, cancel, &effects).await;
+        let result = self
+            .call_handler(d, input, &key, cancel, &effects, budget)
+            .await;
         if cancel.is_cancelled() && result.is_err() {
             self.release_claim(held).await;
             return Verdict::Abandon;
@@ -460,6 +563,15 @@ where
                     ErrorKind::RetryAfter(delay) => self.retry_or_give_up(d, delay, e.message),
                 }
             }
+        }
+    }
+
+    /// Container mode: the claim lives as long as the message lease, each try as long as the
+    /// handler timeout.
+    pub(crate) fn budget(&self) -> Budget {
+        Budget {
+            claim_lease: self.settings.transport.lease,
+            handler_timeout: self.settings.worker.handler_timeout,
         }
     }
 
@@ -566,6 +678,7 @@ where
         key: &str,
         cancel: &CancellationToken,
         effects: &crate::handler::Effects,
+        budget: &Budget,
     ) -> std::result::Result<Vec<u8>, HandlerError> {
         let mut input = Some(input);
         let mut tries = 0;
@@ -576,7 +689,9 @@ where
                     .decode(d)
                     .map_err(|(_, r)| HandlerError::permanent(r))?,
             };
-            let result = self.call_once(d, this, key, cancel, effects).await;
+            let result = self
+                .call_once(d, this, key, cancel, effects, budget.handler_timeout)
+                .await;
             let err = match result {
                 Ok(out) => return Ok(out),
                 Err(e) => e,
@@ -610,8 +725,8 @@ where
         key: &str,
         cancel: &CancellationToken,
         effects: &crate::handler::Effects,
+        timeout: Duration,
     ) -> std::result::Result<Vec<u8>, HandlerError> {
-        let timeout = self.settings.worker.handler_timeout;
         let ctx = Context {
             message_id: d.id.clone(),
             attempt: d.attempt,
@@ -710,8 +825,8 @@ where
         }
     }
 
-    /// Settles on the broker and counts.
-    async fn settle(&self, d: &Delivery, verdict: Verdict) {
+    /// Settles on the broker and counts; false when the broker call failed.
+    async fn settle(&self, d: &Delivery, verdict: Verdict) -> bool {
         let span = tracing::Span::current();
         let (outcome, result) = match &verdict {
             Verdict::Ack { duplicate } => {
@@ -752,12 +867,21 @@ where
         };
         span.record("outcome", outcome);
         match result {
-            Ok(()) => tracing::debug!(outcome, "settled"),
-            Err(Error::LeaseLost(_)) => tracing::warn!(
-                outcome,
-                "lease lost before settling: the message was redelivered; idempotency absorbs the duplicate"
-            ),
-            Err(e) => tracing::error!(outcome, error = %e, "settling failed; the message returns when its lease ends"),
+            Ok(()) => {
+                tracing::debug!(outcome, "settled");
+                true
+            }
+            Err(Error::LeaseLost(_)) => {
+                tracing::warn!(
+                    outcome,
+                    "lease lost before settling: the message was redelivered; idempotency absorbs the duplicate"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::error!(outcome, error = %e, "settling failed; the message returns when its lease ends");
+                false
+            }
         }
     }
 }

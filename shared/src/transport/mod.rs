@@ -7,6 +7,8 @@
 pub mod embedded;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 
 use std::{future::Future, time::Duration};
 
@@ -104,6 +106,9 @@ pub enum AnyTransport {
     /// RabbitMQ (quorum queues, a TTL delay ladder, a DLQ with history).
     #[cfg(feature = "rabbitmq")]
     Rabbitmq(rabbitmq::RabbitTransport),
+    /// Amazon SQS in container mode (long polling, a DLQ with history, `RedrivePolicy`).
+    #[cfg(feature = "sqs")]
+    Sqs(sqs::SqsTransport),
 }
 
 impl AnyTransport {
@@ -119,6 +124,8 @@ impl AnyTransport {
             TransportKind::Rabbitmq => Ok(AnyTransport::Rabbitmq(
                 rabbitmq::RabbitTransport::open(opts).await?,
             )),
+            #[cfg(feature = "sqs")]
+            TransportKind::Sqs => Ok(AnyTransport::Sqs(sqs::SqsTransport::open(opts).await?)),
             #[allow(unreachable_patterns)]
             other => Err(Error::Config(format!(
                 "key `transport.kind`: {} is not built into this binary (enable the cargo feature `{}` of sluice)",
@@ -136,6 +143,8 @@ macro_rules! delegate {
             AnyTransport::Embedded($t) => $e,
             #[cfg(feature = "rabbitmq")]
             AnyTransport::Rabbitmq($t) => $e,
+            #[cfg(feature = "sqs")]
+            AnyTransport::Sqs($t) => $e,
         }
     };
 }

@@ -1,0 +1,206 @@
+//! Lambda mode: when `AWS_LAMBDA_RUNTIME_API` is set, the function binary serves SQS events
+//! under `lambda_runtime` instead of running its CLI. Each record goes through the same
+//! pipeline as in a container; the response lists only the records to retry
+//! (`ReportBatchItemFailures` must be on in the event source mapping).
+//!
+//! - **Deadline.** The handler and the idempotency claim get the invocation's remaining time
+//!   minus [`SAFETY_MARGIN`] (and never more than `worker.handler_timeout`), so a timed-out
+//!   invocation never leaves a record claimed longer than it could have run.
+//! - **Retries.** A transient failure is settled before the response: on a standard queue a
+//!   delayed copy with the failure history replaces the record (reported as done); on a FIFO
+//!   queue the record's visibility is set to the delay with its receipt handle (reported as
+//!   failed, so it holds back its group). Permanent failures go to the DLQ with their history
+//!   and are reported as done.
+//! - **FIFO.** Records of one message group are handled in order; after a failure the rest of
+//!   that group in the batch is reported failed without being run, while other groups go on.
+//! - **Panics** are caught per record: one record fails, never the whole batch.
+//! - **Malformed events** (not an SQS event) fail the invocation with a clear error: Lambda
+//!   keeps the messages and delivers them again, nothing is lost.
+
+use std::{
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+
+use crate::{
+    config::TransportKind,
+    error::Error,
+    function::Function,
+    handler::Handler,
+    telemetry::init_logging,
+    transport::AnyTransport,
+    worker::{Budget, Runtime},
+};
+
+/// Kept from the invocation's remaining time for settling records and sending the response.
+pub const SAFETY_MARGIN: Duration = Duration::from_millis(1500);
+
+/// The environment variable that selects Lambda mode.
+pub const RUNTIME_API_ENV: &str = "AWS_LAMBDA_RUNTIME_API";
+
+/// Whether this process was started by a Lambda runtime.
+pub fn in_lambda() -> bool {
+    std::env::var_os(RUNTIME_API_ENV).is_some()
+}
+
+/// Serves Lambda invocations until the runtime stops the process.
+pub(crate) fn main<T, S, H>(function: Function<T, S, H>) -> ExitCode
+where
+    T: DeserializeOwned + Send + 'static,
+    S: Send + Sync + 'static,
+    H: for<'a> Handler<'a, T, S>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(crate::cli::EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(function)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Start-up errors reach CloudWatch as one line; Lambda reports an init error.
+            eprintln!("error: {e}");
+            ExitCode::from(crate::cli::EXIT_CONFIG)
+        }
+    }
+}
+
+async fn serve<T, S, H>(function: Function<T, S, H>) -> Result<(), Error>
+where
+    T: DeserializeOwned + Send + 'static,
+    S: Send + Sync + 'static,
+    H: for<'a> Handler<'a, T, S>,
+{
+    let settings = function.load_settings(None, &[])?;
+    init_logging(&settings.telemetry);
+    if settings.transport.kind != TransportKind::Sqs {
+        return Err(Error::Config(
+            "key `transport.kind`: Lambda mode needs \"sqs\" (the trigger's queue; its DLQ receives the dead letters)"
+                .into(),
+        ));
+    }
+    let rt = Arc::new(function.build(settings).await?);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+        let rt = rt.clone();
+        async move { handle_event(&rt, event).await }
+    }))
+    .await
+    .map_err(|e| Error::Transport(format!("lambda runtime: {e}")))
+}
+
+/// One invocation: an SQS event in, the records to retry out.
+pub(crate) async fn handle_event<T, S, H>(
+    rt: &Arc<Runtime<T, S, H>>,
+    event: LambdaEvent<serde_json::Value>,
+) -> Result<SqsBatchResponse, lambda_runtime::Error>
+where
+    T: DeserializeOwned + Send + 'static,
+    S: Send + Sync + 'static,
+    H: for<'a> Handler<'a, T, S>,
+{
+    let deadline_ms = event.context.deadline;
+    let sqs: SqsEvent = serde_json::from_value(event.payload).map_err(|e| {
+        format!("not an SQS event (this function is triggered by an SQS queue): {e}")
+    })?;
+    let remaining =
+        Duration::from_millis(deadline_ms.saturating_sub(now_ms())).saturating_sub(SAFETY_MARGIN);
+    let budget = Budget {
+        claim_lease: remaining.max(Duration::from_secs(1)),
+        handler_timeout: rt.settings().worker.handler_timeout.min(remaining),
+    };
+    let AnyTransport::Sqs(queue) = rt.transport() else {
+        unreachable!("serve() checked transport.kind");
+    };
+    let keeps_original = queue.config().fifo;
+
+    // Records grouped by message group (FIFO); on a standard queue every record is its own.
+    let mut groups: Vec<(String, Vec<SqsMessage>)> = Vec::new();
+    for (i, record) in sqs.records.into_iter().enumerate() {
+        let group = record
+            .attributes
+            .get("MessageGroupId")
+            .cloned()
+            .unwrap_or_else(|| format!("record-{i}"));
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, records)) => records.push(record),
+            None => groups.push((group, vec![record])),
+        }
+    }
+
+    let slots = Arc::new(Semaphore::new(rt.settings().worker.concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut ids_of = std::collections::HashMap::new();
+    for (_, records) in groups {
+        let ids: Vec<String> = records
+            .iter()
+            .map(|r| r.message_id.clone().unwrap_or_default())
+            .collect();
+        let (rt, slots) = (rt.clone(), slots.clone());
+        let task = tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await.expect("semaphore never closed");
+            let mut failed: Vec<String> = Vec::new();
+            for record in records {
+                let id = record.message_id.clone().unwrap_or_default();
+                if !failed.is_empty() {
+                    // FIFO: a failure holds back the rest of its group.
+                    failed.push(id);
+                    continue;
+                }
+                let AnyTransport::Sqs(queue) = rt.transport() else { unreachable!() };
+                let delivery = match queue.lambda_delivery(&record, deadline_ms as i64) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!(message_id = %id, error = %e, "record cannot be read; reported as failed");
+                        failed.push(id);
+                        continue;
+                    }
+                };
+                // Its own task, so a panic anywhere in the pipeline fails this record only.
+                let rt2 = rt.clone();
+                let run = tokio::spawn(async move {
+                    rt2.process_record(delivery, budget, keeps_original).await
+                });
+                match run.await {
+                    Ok(false) => {}
+                    Ok(true) => failed.push(id),
+                    Err(e) => {
+                        tracing::error!(message_id = %id, error = %e, "record processing panicked; reported as failed");
+                        failed.push(id);
+                    }
+                }
+            }
+            failed
+        });
+        ids_of.insert(task.id(), ids);
+    }
+    let mut response = SqsBatchResponse::default();
+    while let Some(done) = tasks.join_next_with_id().await {
+        let failed = match done {
+            Ok((_, failed)) => failed,
+            // Should the group's own task die, every record of the group comes back.
+            Err(e) => ids_of.remove(&e.id()).unwrap_or_default(),
+        };
+        for id in failed {
+            response.add_failure(id);
+        }
+    }
+    Ok(response)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
