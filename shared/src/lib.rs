@@ -30,29 +30,38 @@
 //! - [`handler`]: what authors write against: [`HandlerError`] and its class, [`Context`].
 //! - [`function`]: the [`Function`] builder (`main` is three lines over it).
 //! - [`worker`]: the intake loop and the per-message pipeline (DESIGN.md "flow of one message").
-//! - [`transport`]: the [`Transport`] contract; `transport::embedded` is the SQLite queue.
-//! - [`store`]: the [`IdempotencyStore`] contract; `store::sqlite` is the embedded store.
+//! - [`transport`]: the [`Transport`] contract and one module per broker: `embedded` (SQLite
+//!   queue), `rabbitmq`, `sqs`.
+//! - [`store`]: the [`IdempotencyStore`] contract, one module per backend (`sqlite`, `postgres`,
+//!   `redis`, `s3`) and `front` (the claim batcher, timeouts and the completed-key cache).
 //! - [`retry`], [`breaker`], [`ratelimit`]: policies as plain values.
 //! - [`config`]: layered settings (defaults < `sluice.toml` < `SLUICE__*` env < `--set`).
 //! - [`message`]: bytes + headers, failure history, dead letters.
 //! - [`telemetry`]: JSON logs and per-process counters.
 //! - [`cli`]: the command line every function gets.
+//! - `lambda` (feature `lambda`): SQS events through the same pipeline under `lambda_runtime`.
 //! - `conformance` (feature `conformance`): the suites every adapter and store must pass.
 //!
 //! # Features
 //!
-//! `embedded` (default): the SQLite queue and store. Broker adapters are separate features so a
-//! Lambda build links only what it uses.
+//! One per backend, so a binary links only what it uses: `embedded` (default: the SQLite queue
+//! and store), `rabbitmq` (lapin), `sqs` (aws-sdk-sqs), `lambda` (lambda_runtime and only the SQS
+//! event types of aws_lambda_events; implies `sqs`), `postgres` (tokio-postgres + deadpool),
+//! `redis`, `s3` (aws-sdk-s3), `conformance`. A Lambda build (`--no-default-features --features
+//! lambda`) links no lapin.
 //!
 //! # Dependencies
 //!
 //! Named by the project: tokio, serde, backoff (kept inside [`retry`] only: it carries an
-//! "unmaintained" advisory), tracing, config. Chosen: `rusqlite` with bundled SQLite (no
-//! system library needed; synchronous, so calls run on tokio's blocking pool), `clap` for the
-//! CLI, `hdrhistogram` for latency percentiles, `serde_path_to_error` so a bad setting names
-//! its key, `humantime-serde` for durations such as `"30s"`, `sha2` for payload fingerprints,
-//! `tokio-util` for cancellation tokens, `futures-util` for catching handler panics without a
-//! task per try.
+//! "unmaintained" advisory), tracing, config, lapin, aws-sdk-sqs, lambda_runtime. Chosen:
+//! `rusqlite` with bundled SQLite (no system library needed; synchronous, so calls run on
+//! tokio's blocking pool), `clap` for the CLI, `hdrhistogram` for latency percentiles,
+//! `serde_path_to_error` so a bad setting names its key, `humantime-serde` for durations such
+//! as `"30s"`, `sha2` for payload fingerprints, `tokio-util` for cancellation tokens,
+//! `futures-util` for catching handler panics without a task per try; for the stores
+//! `tokio-postgres` with `deadpool-postgres` (no macros or compile-time database, unlike sqlx:
+//! light to build), `redis` (the maintained client, with its reconnecting connection manager)
+//! and `aws-sdk-s3`.
 
 #![warn(missing_docs)]
 
