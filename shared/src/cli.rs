@@ -148,15 +148,9 @@ where
     H: for<'a> Handler<'a, T, S>,
 {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match async_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(dispatch(function, cli)) {
         Ok(code) => code,
@@ -304,6 +298,17 @@ where
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The multi-threaded tokio runtime every mode runs on; on failure, the exit code to return.
+pub(crate) fn async_runtime() -> std::result::Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })
 }
 
 /// Every `--set KEY=VALUE` and `--set=KEY=VALUE`, in order. Arguments after `--` are not

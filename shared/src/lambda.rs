@@ -56,15 +56,9 @@ where
     S: Send + Sync + 'static,
     H: for<'a> Handler<'a, T, S>,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::cli::async_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(crate::cli::EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(serve(function)) {
         Ok(()) => ExitCode::SUCCESS,

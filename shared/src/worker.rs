@@ -276,10 +276,9 @@ where
         Ok(summary)
     }
 
-    /// The pipeline for one delivery, in its own span.
-    /// `probe`: the intake loop reserved the breaker's half-open probe for this message.
-    pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken, probe: bool) {
-        let span = tracing::info_span!(
+    /// The span of one delivery (idempotency key and outcome are filled in as they are known).
+    fn span(&self, d: &Delivery) -> tracing::Span {
+        tracing::info_span!(
             "message",
             function = %self.function,
             queue = %self.settings.queue,
@@ -287,7 +286,13 @@ where
             attempt = d.attempt,
             idempotency_key = Empty,
             outcome = Empty,
-        );
+        )
+    }
+
+    /// The pipeline for one delivery, in its own span.
+    /// `probe`: the intake loop reserved the breaker's half-open probe for this message.
+    pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken, probe: bool) {
+        let span = self.span(&d);
         async {
             let started = Instant::now();
             inc(&self.metrics.received);
@@ -343,15 +348,7 @@ where
         budget: Budget,
         retry_keeps_original: bool,
     ) -> bool {
-        let span = tracing::info_span!(
-            "message",
-            function = %self.function,
-            queue = %self.settings.queue,
-            message_id = %d.id,
-            attempt = d.attempt,
-            idempotency_key = Empty,
-            outcome = Empty,
-        );
+        let span = self.span(&d);
         async {
             let started = Instant::now();
             inc(&self.metrics.received);
