@@ -443,7 +443,19 @@ impl Settings {
             Error::Config(format!("key `{path}`: {}", e.inner()))
         })?;
         if settings.queue.is_empty() {
-            settings.queue = function.to_owned();
+            // An SQS transport.url names the queue (a URL or a name): use it, so logs, stats
+            // and dead-letter history show the queue actually used.
+            let from_url = (settings.transport.kind == TransportKind::Sqs)
+                .then(|| {
+                    settings
+                        .transport
+                        .url
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                })
+                .filter(|name| !name.is_empty() && !name.ends_with(".db"));
+            settings.queue = from_url.unwrap_or(function).to_owned();
         }
         settings.validate()?;
         Ok(settings)
@@ -536,6 +548,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.worker.concurrency, 7);
+    }
+
+    #[test]
+    fn an_sqs_url_names_the_queue_unless_queue_is_set() {
+        let env = [
+            ("SLUICE__TRANSPORT__KIND", "sqs"),
+            (
+                "SLUICE__TRANSPORT__URL",
+                "http://sqs.local/123456789012/orders",
+            ),
+        ];
+        assert_eq!(load("", &env, &[]).unwrap().queue, "orders");
+        assert_eq!(
+            load("queue = \"other\"\n", &env, &[]).unwrap().queue,
+            "other"
+        );
+        assert_eq!(
+            load("", &[("SLUICE__TRANSPORT__KIND", "sqs")], &[])
+                .unwrap()
+                .queue,
+            "fn-a"
+        );
     }
 
     #[test]
