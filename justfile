@@ -7,9 +7,13 @@ default:
     @just --list
 
 # The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
+# The function is a release build with the embedded queue only; the driver is the test build.
 demo *args:
-    cargo build --release --quiet -p charge-payment
-    cargo run --release --quiet -p sluice-tests --bin demo -- {{args}}
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release --quiet -p charge-payment --no-default-features
+    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    cargo run --quiet -p sluice-tests --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
 
 # Everything CI checks: format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
 test: lint
@@ -19,23 +23,67 @@ test: lint
     eval "$(scripts/moto.sh start)"
     trap 'scripts/moto.sh stop' EXIT
     cargo build --workspace --bins
-    cargo nextest run --workspace --no-fail-fast
+    # The Lambda flavour (no lapin), for tests/tests/lambda_mode.rs and local_esm.rs: built for
+    # an explicit target so it lands beside the host binaries, not over them.
+    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda --target x86_64-unknown-linux-gnu
+    # Doc tests first: the last lines CI reads are nextest's summary.
     cargo test --doc --workspace --quiet
+    cargo nextest run --workspace --no-fail-fast
 
-# Benchmarks against a baseline in the same run: `just bench stores [--json]`.
+# Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]`, `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
 bench what *args:
     #!/usr/bin/env bash
     set -euo pipefail
     scripts/services.sh postgres redis rabbitmq >&2
-    eval "$(scripts/moto.sh start)"
-    trap 'scripts/moto.sh stop' EXIT
+    if [ "{{what}}" = lambda ]; then
+        # Cold start: process start -> first /next, Sluice's charge-payment against a bare
+        # lambda_runtime handler, both release builds, through the Runtime API stub.
+        eval "$(scripts/moto.sh start)"
+        trap 'scripts/moto.sh stop' EXIT
+        # The packaged build (`cargo lambda build --release`, its own optimisation flags).
+        just package >&2
+        cargo build --release --quiet -p sluice-tests --bin bare-lambda --bin lambda-bench
+        exec cargo run --release --quiet -p sluice-tests --bin lambda-bench -- {{args}}
+    fi
+    if [ "{{what}}" = stores ]; then
+        eval "$(scripts/moto.sh start)"
+        trap 'scripts/moto.sh stop' EXIT
+    fi
     cargo build --release --quiet -p sluice-tests --bin bench
     cargo run --release --quiet -p sluice-tests --bin bench -- {{what}} {{args}}
 
-# Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto; prints the AWS variables to export.
+# Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:
     scripts/services.sh postgres redis rabbitmq
+    scripts/lambda.sh install
     scripts/moto.sh start
+
+# A function in Lambda mode fed by a local SQS event source mapping on moto (tests/src/bin/local-esm.rs), e.g. `just local-lambda charge-payment --drain`.
+local-lambda fn *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    eval "$(scripts/moto.sh start)"
+    cargo build --quiet -p {{fn}} --no-default-features --features lambda --target x86_64-unknown-linux-gnu
+    cargo build --quiet -p sluice-tests --bin local-esm
+    export SLUICE__TRANSPORT__KIND=sqs SLUICE__TRANSPORT__URL=${SLUICE__TRANSPORT__URL:-{{fn}}}
+    # Creates the queue and its DLQ with the redrive policy if they do not exist.
+    cargo run --quiet -p {{fn}} -- provision >&2
+    cargo run --quiet -p sluice-tests --bin local-esm -- --function {{fn}} --queue "$SLUICE__TRANSPORT__URL" {{args}}
+
+# Lambda zips (`bootstrap`) per function under target/lambda/, with sizes: `just package` (x86_64) or `just package arm64` (needs the arm64 standard library, not installable here).
+package arch="x86_64":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/lambda.sh install
+    target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    flag=$([ "{{arch}}" = arm64 ] && echo --arm64 || echo --x86-64)
+    printf '%-18s %-8s %12s %12s\n' function arch binary zip
+    for fn in charge-payment deliver-webhook; do
+        scripts/lambda.sh cargo-lambda build --release $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
+        zip="$target_dir/lambda/$fn/bootstrap.zip"
+        bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
+        printf '%-18s %-8s %12s %12s\n' $fn {{arch}} "$bin" "$(stat -c %s "$zip")"
+    done
 
 # Format check and clippy with warnings as errors.
 lint:

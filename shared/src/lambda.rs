@@ -103,7 +103,7 @@ where
     S: Send + Sync + 'static,
     H: for<'a> Handler<'a, T, S>,
 {
-    let deadline_ms = event.context.deadline;
+    let deadline_ms = absolute_deadline_ms(event.context.deadline, now_ms());
     let sqs: SqsEvent = serde_json::from_value(event.payload).map_err(|e| {
         format!("not an SQS event (this function is triggered by an SQS queue): {e}")
     })?;
@@ -192,9 +192,30 @@ where
     Ok(response)
 }
 
+/// Lambda sends the deadline as Unix epoch milliseconds; `cargo lambda watch` sends the time
+/// left instead (`600000`). A value before 2001-09-09 (10^12 ms) is taken as the time left, so
+/// the emulator does not leave every record with no time and a lease already expired.
+fn absolute_deadline_ms(deadline: u64, now_ms: u64) -> u64 {
+    if deadline < 1_000_000_000_000 {
+        now_ms.saturating_add(deadline)
+    } else {
+        deadline
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_relative_deadline_is_made_absolute() {
+        let now = 1_795_706_375_003;
+        assert_eq!(super::absolute_deadline_ms(600_000, now), now + 600_000);
+        assert_eq!(super::absolute_deadline_ms(now + 5_000, now), now + 5_000);
+    }
 }

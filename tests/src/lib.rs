@@ -205,3 +205,148 @@ impl Drop for TcpProxy {
         self.cut();
     }
 }
+
+/// RabbitMQ helpers for the tests that run against the real broker: its URL, `rabbitmqctl`,
+/// and the queue counts the AMQP protocol does not report (unacked messages).
+pub mod rabbit {
+    use anyhow::{bail, Context as _};
+
+    /// The broker the tests use (`SLUICE_TEST_RABBITMQ_URL`, default the local `guest`).
+    pub fn url() -> String {
+        std::env::var("SLUICE_TEST_RABBITMQ_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
+
+    /// Runs `rabbitmqctl` (about half a second a call: it starts an Erlang VM) and returns
+    /// its stdout.
+    pub fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .context("running rabbitmqctl (is RabbitMQ installed here?)")?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Messages in one queue of the default virtual host, as the broker counts them:
+    /// (ready, unacknowledged). `None` if the queue does not exist.
+    pub fn queue_counts(queue: &str) -> anyhow::Result<Option<(u64, u64)>> {
+        queue_counts_in("/", queue)
+    }
+
+    fn queue_counts_in(vhost: &str, queue: &str) -> anyhow::Result<Option<(u64, u64)>> {
+        let listing = rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            vhost,
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])?;
+        for line in listing.lines() {
+            let cols: Vec<&str> = line.split('\t').collect();
+            if let [name, ready, unacked] = cols[..] {
+                if name == queue {
+                    return Ok(Some((ready.trim().parse()?, unacked.trim().parse()?)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A virtual host of one test: its queues, and its connections (so that
+    /// `close_all_connections -p` hits that test alone). Deleted, with everything in it, on
+    /// drop, also when the test fails.
+    pub struct Vhost {
+        /// The virtual host's name.
+        pub name: String,
+        /// [`url`] pointing at it.
+        pub url: String,
+    }
+
+    impl Vhost {
+        /// Creates `sluice-<prefix>-<random>` and gives the URL's user all permissions on it.
+        pub fn create(prefix: &str) -> anyhow::Result<Self> {
+            let name = format!(
+                "sluice-{prefix}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..10]
+            );
+            let base = url();
+            let (before_path, _) = base
+                .rsplit_once('/')
+                .context("SLUICE_TEST_RABBITMQ_URL has no virtual host path")?;
+            let user = before_path
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .map_or("guest", |(userinfo, _)| {
+                    userinfo.split(':').next().unwrap_or("guest")
+                })
+                .to_owned();
+            rabbitmqctl(&["add_vhost", &name])?;
+            let vhost = Self {
+                url: format!("{before_path}/{name}"),
+                name,
+            };
+            rabbitmqctl(&[
+                "set_permissions",
+                "-p",
+                &vhost.name,
+                &user,
+                ".*",
+                ".*",
+                ".*",
+            ])?;
+            Ok(vhost)
+        }
+
+        /// Closes every client connection to this virtual host, as a broker restart or a
+        /// network failure would.
+        pub fn close_all_connections(&self, reason: &str) -> anyhow::Result<()> {
+            rabbitmqctl(&["close_all_connections", "-p", &self.name, reason])?;
+            Ok(())
+        }
+
+        /// Messages in one of its queues: (ready, unacknowledged); `None` if there is no such
+        /// queue.
+        pub fn queue_counts(&self, queue: &str) -> anyhow::Result<Option<(u64, u64)>> {
+            queue_counts_in(&self.name, queue)
+        }
+    }
+
+    impl Drop for Vhost {
+        fn drop(&mut self) {
+            if let Err(e) = rabbitmqctl(&["delete_vhost", &self.name]) {
+                eprintln!(
+                    "could not delete the test virtual host {}: {e:#}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// Closes, from the broker's side, every connection whose client-given name contains
+    /// `needle` (Sluice names its connections `sluice <function> on <queue>`), as a network
+    /// failure would. Returns how many it closed.
+    pub fn close_connections_named(needle: &str, reason: &str) -> anyhow::Result<usize> {
+        let listing = rabbitmqctl(&["list_connections", "-q", "pid", "client_properties"])?;
+        let pids: Vec<&str> = listing
+            .lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| l.split('\t').next())
+            .collect();
+        for pid in &pids {
+            rabbitmqctl(&["close_connection", pid, reason])?;
+        }
+        Ok(pids.len())
+    }
+}
+
+pub mod lambda;

@@ -39,6 +39,9 @@ struct Args {
     /// Seed of the message mix.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// The charge-payment binary (default: the one built beside this driver).
+    #[arg(long)]
+    function_bin: Option<PathBuf>,
 }
 
 /// Settings the demo adds to charge-payment's own: outages and panics to absorb, and a
@@ -121,7 +124,11 @@ async fn main() -> ExitCode {
 }
 
 async fn demo(args: &Args) -> anyhow::Result<bool> {
-    let bin = function_binary("charge-payment")?;
+    let bin = match &args.function_bin {
+        Some(path) if path.exists() => path.clone(),
+        Some(path) => bail!("{} does not exist: build it first", path.display()),
+        None => function_binary("charge-payment")?,
+    };
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)
             .with_context(|| format!("wiping {}", args.dir.display()))?;

@@ -1,0 +1,463 @@
+//! Lambda mode, black box: the real `charge-payment` binary, built with
+//! `--no-default-features --features lambda`, started with `AWS_LAMBDA_RUNTIME_API` pointing at
+//! a Runtime API stub in this test, and fed SQS events built from messages received from moto
+//! (so receipt handles, receive counts and attributes are real). Retries and dead letters go to
+//! moto's queues, where the test reads them back.
+//!
+//! Needs moto (`eval "$(scripts/moto.sh start)"`) and the Lambda build
+//! (`cargo build -p charge-payment --no-default-features --features lambda --target
+//! x86_64-unknown-linux-gnu`); `just test` does both.
+
+use std::{
+    path::Path,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use sluice::{
+    conformance::unique,
+    message::FailureClass,
+    transport::{
+        sqs::{
+            aws_sdk_sqs::{
+                self,
+                types::{Message, MessageSystemAttributeName, QueueAttributeName},
+            },
+            sdk_config_from_env, SqsTransport,
+        },
+        Transport, TransportOptions,
+    },
+};
+use sluice_tests::{
+    charge_body,
+    lambda::{lambda_binary, queue_arn, spawn_lambda, sqs_event, Outcome, RuntimeApi},
+    ledger_counts,
+};
+
+const FUNCTION: &str = "charge-payment";
+const START_MOTO: &str = "start moto: eval \"$(scripts/moto.sh start)\"";
+/// The invocation's time: the deadline the stub gives each event.
+const BUDGET: Duration = Duration::from_secs(30);
+/// Retry delay envelope used by the retry tests (full jitter draws below it; SQS rounds up).
+const RETRY_BASE: &str = "3s";
+
+fn moto() -> String {
+    let moto = std::env::var("SLUICE_TEST_MOTO")
+        .unwrap_or_else(|_| panic!("SLUICE_TEST_MOTO is not set: {START_MOTO}"));
+    let sdk = std::env::var("AWS_ENDPOINT_URL_SQS")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .unwrap_or_default();
+    assert_eq!(
+        sdk, moto,
+        "AWS_ENDPOINT_URL must point at moto ({moto}), or the SDK would call real AWS: {START_MOTO}"
+    );
+    moto
+}
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).expect("read fixture")).expect("fixture JSON")
+}
+
+/// One record of the shipped SQS event fixture: the shape every test event is built from.
+fn record_template() -> Value {
+    fixture("sqs-event.json")["Records"][0].clone()
+}
+
+/// A queue on moto (and its DLQ, with the redrive policy), plus a raw client.
+struct Queue {
+    name: String,
+    sqs: SqsTransport,
+    client: aws_sdk_sqs::Client,
+}
+
+impl Queue {
+    async fn new(prefix: &str, fifo: bool) -> Self {
+        moto();
+        let name = if fifo {
+            format!("{}.fifo", unique(prefix))
+        } else {
+            unique(prefix)
+        };
+        let sqs = SqsTransport::open(TransportOptions {
+            queue: name.clone(),
+            function: FUNCTION.into(),
+            url: name.clone(),
+            lease: Duration::from_secs(30),
+            max_deliveries: 5,
+            poll_interval: Duration::from_millis(100),
+        })
+        .await
+        .expect("provision the queue on moto");
+        let client =
+            aws_sdk_sqs::Client::from_conf(sdk_config_from_env().await.expect("sdk").build());
+        Self { name, sqs, client }
+    }
+
+    fn fifo(&self) -> bool {
+        self.name.ends_with(".fifo")
+    }
+
+    async fn send(&self, body: &str, group: &str) -> String {
+        let mut req = self
+            .client
+            .send_message()
+            .queue_url(self.sqs.queue_url())
+            .message_body(body);
+        if self.fifo() {
+            req = req
+                .message_group_id(group)
+                .message_deduplication_id(uuid::Uuid::new_v4().simple().to_string());
+        }
+        req.send()
+            .await
+            .expect("send")
+            .message_id()
+            .expect("id")
+            .to_owned()
+    }
+
+    /// Receives `n` messages (waiting up to `wait`), hidden for `visibility` seconds.
+    async fn receive(&self, n: usize, visibility: i32, wait: Duration) -> Vec<Message> {
+        let until = Instant::now() + wait;
+        let mut got = Vec::new();
+        while got.len() < n && Instant::now() < until {
+            let left = until
+                .saturating_duration_since(Instant::now())
+                .as_secs()
+                .clamp(1, 20);
+            let out = self
+                .client
+                .receive_message()
+                .queue_url(self.sqs.queue_url())
+                .max_number_of_messages((n - got.len()).min(10) as i32)
+                .visibility_timeout(visibility)
+                .wait_time_seconds(left as i32)
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .expect("receive");
+            got.extend(out.messages.unwrap_or_default());
+        }
+        got
+    }
+
+    fn event(&self, messages: &[Message]) -> Value {
+        sqs_event(&record_template(), &queue_arn(&self.name), messages)
+    }
+
+    async fn delayed(&self) -> u64 {
+        let attrs = self
+            .client
+            .get_queue_attributes()
+            .queue_url(self.sqs.queue_url())
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .expect("queue attributes");
+        attrs
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessagesDelayed))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The function binary in Lambda mode against its own Runtime API stub.
+struct Lambda {
+    api: RuntimeApi,
+    child: Child,
+}
+
+impl Lambda {
+    async fn start(queue: &Queue, dir: &Path, extra: &[(&str, &str)]) -> Self {
+        let bin = lambda_binary(FUNCTION).expect("lambda build of charge-payment");
+        let api = RuntimeApi::start(FUNCTION).await.expect("runtime API stub");
+        let mut env: Vec<(String, String)> = vec![
+            ("SLUICE__TRANSPORT__KIND".into(), "sqs".into()),
+            ("SLUICE__TRANSPORT__URL".into(), queue.name.clone()),
+            (
+                "SLUICE__STORE__URL".into(),
+                dir.join("idempotency.db").display().to_string(),
+            ),
+            (
+                "SLUICE__APP__LEDGER".into(),
+                dir.join("ledger.db").display().to_string(),
+            ),
+            ("SLUICE__RETRY__IMMEDIATE".into(), "0".into()),
+            ("SLUICE__RETRY__BASE".into(), RETRY_BASE.into()),
+            ("SLUICE__RETRY__CAP".into(), RETRY_BASE.into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let child = spawn_lambda(&bin, api.addr, FUNCTION, &env, &dir.join("lambda.log"))
+            .expect("start the function");
+        api.wait_ready(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}; log: {}", log(dir)));
+        Self { api, child }
+    }
+
+    async fn invoke(&self, event: &Value) -> Outcome {
+        self.api.invoke(event, BUDGET).await.expect("invocation")
+    }
+}
+
+impl Drop for Lambda {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("lambda.log")).unwrap_or_default()
+}
+
+fn ledger(dir: &Path) -> sluice_tests::LedgerCounts {
+    ledger_counts(&dir.join("ledger.db")).expect("ledger")
+}
+
+#[tokio::test]
+async fn all_ok_batch_reports_no_failures() {
+    let q = Queue::new("lam-ok", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        q.send(&charge_body(&format!("ok-{i}"), 100 + i), "g").await;
+    }
+    let msgs = q.receive(3, 60, Duration::from_secs(10)).await;
+    assert_eq!(msgs.len(), 3);
+    let fx = Lambda::start(&q, dir.path(), &[]).await;
+    let out = fx.invoke(&q.event(&msgs)).await;
+    assert_eq!(
+        out,
+        Outcome::Response(serde_json::json!({ "batchItemFailures": [] })),
+        "log: {}",
+        log(dir.path())
+    );
+    let l = ledger(dir.path());
+    assert_eq!((l.charges, l.distinct_payments), (3, 3));
+}
+
+#[tokio::test]
+async fn transient_failure_on_a_standard_queue_becomes_a_delayed_copy() {
+    let q = Queue::new("lam-retry", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = charge_body("retry-1", 500);
+    let id = q.send(&body, "g").await;
+    let msgs = q.receive(1, 60, Duration::from_secs(10)).await;
+    let fx = Lambda::start(&q, dir.path(), &[("SLUICE__APP__FAILURE_RATE", "1")]).await;
+    let out = fx.invoke(&q.event(&msgs)).await;
+    // Settled before the response: the copy replaces the record, which is not reported.
+    assert_eq!(
+        out.failed_ids(),
+        Vec::<String>::new(),
+        "log: {}",
+        log(dir.path())
+    );
+    assert_eq!(q.delayed().await, 1, "the delayed copy waits on the queue");
+    assert_eq!(ledger(dir.path()).charges, 0);
+    // It comes back within the retry envelope (rounded up to whole seconds), as a new
+    // message with the same body and the failure history in `sluice-meta`.
+    let started = Instant::now();
+    let back = q.receive(1, 60, Duration::from_secs(10)).await;
+    assert_eq!(back.len(), 1, "the copy came back");
+    assert!(started.elapsed() <= Duration::from_secs(3 + 2));
+    let copy = &back[0];
+    assert_ne!(copy.message_id(), Some(id.as_str()));
+    assert_eq!(copy.body(), Some(body.as_str()));
+    let meta = copy
+        .message_attributes()
+        .and_then(|a| a.get("sluice-meta"))
+        .and_then(|v| v.string_value())
+        .expect("the copy carries sluice-meta")
+        .to_owned();
+    assert!(
+        meta.contains("injected") || meta.contains("503") || meta.contains("unavailable"),
+        "the history names the failure: {meta}"
+    );
+    // The original is gone: nothing else arrives.
+    assert!(q.receive(1, 60, Duration::from_secs(2)).await.is_empty());
+}
+
+#[tokio::test]
+async fn transient_failure_on_a_fifo_queue_is_reported_and_hidden_for_the_delay() {
+    let q = Queue::new("lam-retry", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = q.send(&charge_body("fifo-retry-1", 700), "g1").await;
+    // Received with a 60 s visibility: only the function's retry delay can bring it back sooner.
+    let msgs = q.receive(1, 60, Duration::from_secs(10)).await;
+    let fx = Lambda::start(&q, dir.path(), &[("SLUICE__APP__FAILURE_RATE", "1")]).await;
+    let out = fx.invoke(&q.event(&msgs)).await;
+    assert_eq!(
+        out.failed_ids(),
+        vec![id.clone()],
+        "log: {}",
+        log(dir.path())
+    );
+    let started = Instant::now();
+    let back = q.receive(1, 60, Duration::from_secs(15)).await;
+    assert_eq!(back.len(), 1, "the record came back after its retry delay");
+    assert!(
+        started.elapsed() <= Duration::from_secs(3 + 3),
+        "back after {:?}, not after the retry delay",
+        started.elapsed()
+    );
+    assert_eq!(
+        back[0].message_id(),
+        Some(id.as_str()),
+        "the same message (FIFO order holds)"
+    );
+    let count = back[0]
+        .attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .cloned();
+    assert_eq!(count.as_deref(), Some("2"));
+    assert_eq!(ledger(dir.path()).charges, 0);
+}
+
+#[tokio::test]
+async fn poison_record_lands_in_the_dlq_with_history_and_is_not_reported() {
+    let q = Queue::new("lam-poison", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let poison_id = q.send("not json {", "g").await;
+    q.send(&charge_body("poison-ok-1", 300), "g").await;
+    let msgs = q.receive(2, 60, Duration::from_secs(10)).await;
+    assert_eq!(msgs.len(), 2);
+    let fx = Lambda::start(&q, dir.path(), &[]).await;
+    let out = fx.invoke(&q.event(&msgs)).await;
+    assert_eq!(
+        out.failed_ids(),
+        Vec::<String>::new(),
+        "log: {}",
+        log(dir.path())
+    );
+    let dead = q.sqs.dlq_list(10).await.expect("dlq list");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let d = &dead[0];
+    assert_eq!(d.id, poison_id);
+    assert_eq!(d.error_class, FailureClass::Permanent);
+    assert_eq!(d.body.as_deref(), Some("not json {"));
+    assert_eq!(d.function, FUNCTION);
+    assert!(d.attempts >= 1);
+    assert!(!d.last_error.is_empty());
+    assert_eq!(
+        ledger(dir.path()).charges,
+        1,
+        "the good record of the batch was charged"
+    );
+}
+
+#[tokio::test]
+async fn a_panic_fails_its_record_only() {
+    // There is no per-record panic trigger in charge-payment: `fault.panic_rate = 1` makes
+    // every handler call panic. Records that never reach the handler (a duplicate, a poison
+    // body) share the batch with one that does, each in its own FIFO group.
+    let q = Queue::new("lam-panic", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    q.send(&charge_body("panic-dup", 100), "a").await;
+    let first = q.receive(1, 60, Duration::from_secs(10)).await;
+    {
+        let fx = Lambda::start(&q, dir.path(), &[]).await;
+        assert_eq!(
+            fx.invoke(&q.event(&first)).await.failed_ids(),
+            Vec::<String>::new()
+        );
+        q.client
+            .delete_message()
+            .queue_url(q.sqs.queue_url())
+            .receipt_handle(first[0].receipt_handle().unwrap())
+            .send()
+            .await
+            .expect("delete as Lambda would");
+    }
+    assert_eq!(ledger(dir.path()).charges, 1);
+
+    q.send(&charge_body("panic-dup", 100), "a").await; // delivered again
+    let poison_id = q.send("{\"payment_id\":", "b").await;
+    let panicking = q.send(&charge_body("panic-new", 200), "c").await;
+    let msgs = q.receive(3, 60, Duration::from_secs(10)).await;
+    assert_eq!(msgs.len(), 3);
+    let fx = Lambda::start(&q, dir.path(), &[("SLUICE__FAULT__PANIC_RATE", "1")]).await;
+    let out = fx.invoke(&q.event(&msgs)).await;
+    assert_eq!(
+        out.failed_ids(),
+        vec![panicking],
+        "log: {}",
+        log(dir.path())
+    );
+    let dead = q.sqs.dlq_list(10).await.expect("dlq list");
+    assert_eq!(
+        dead.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+        vec![poison_id]
+    );
+    let l = ledger(dir.path());
+    assert_eq!(
+        (l.charges, l.distinct_payments),
+        (1, 1),
+        "nothing charged twice or by the panic"
+    );
+    // The process survived the panic: it serves the next invocation.
+    q.send(&charge_body("after-panic", 300), "d").await;
+    let next = q.receive(1, 60, Duration::from_secs(10)).await;
+    assert!(matches!(
+        fx.invoke(&q.event(&next)).await,
+        Outcome::Response(_)
+    ));
+}
+
+#[tokio::test]
+async fn malformed_event_fails_the_invocation_and_the_function_goes_on() {
+    let q = Queue::new("lam-malformed", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fx = Lambda::start(&q, dir.path(), &[]).await;
+    let out = fx.invoke(&fixture("not-sqs-event.json")).await;
+    let Outcome::Error(err) = out else {
+        panic!("expected an /error post, got {out:?}");
+    };
+    let text = err.to_string();
+    assert!(text.contains("not an SQS event"), "{text}");
+    // Same process, next invocation.
+    q.send(&charge_body("after-malformed", 400), "g").await;
+    let msgs = q.receive(1, 60, Duration::from_secs(10)).await;
+    assert_eq!(
+        fx.invoke(&q.event(&msgs)).await.failed_ids(),
+        Vec::<String>::new()
+    );
+    assert_eq!(ledger(dir.path()).charges, 1);
+}
+
+#[tokio::test]
+async fn the_same_record_in_two_invocations_is_charged_once() {
+    let q = Queue::new("lam-dup", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    q.send(&charge_body("dup-1", 1250), "g").await;
+    let first = q.receive(1, 1, Duration::from_secs(10)).await;
+    {
+        let fx = Lambda::start(&q, dir.path(), &[]).await;
+        assert_eq!(
+            fx.invoke(&q.event(&first)).await.failed_ids(),
+            Vec::<String>::new()
+        );
+    }
+    // Not deleted (as if the invocation's response was lost): SQS delivers it again, to a
+    // new execution environment (a fresh process).
+    let again = q.receive(1, 60, Duration::from_secs(10)).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message_id(), first[0].message_id());
+    let fx = Lambda::start(&q, dir.path(), &[]).await;
+    assert_eq!(
+        fx.invoke(&q.event(&again)).await.failed_ids(),
+        Vec::<String>::new()
+    );
+    // And the very same event once more to the warm process.
+    assert_eq!(
+        fx.invoke(&q.event(&again)).await.failed_ids(),
+        Vec::<String>::new()
+    );
+    let l = ledger(dir.path());
+    assert_eq!((l.charges, l.distinct_payments), (1, 1));
+}
