@@ -31,7 +31,10 @@ use sluice::{
                     interceptors::BeforeSerializationInterceptorContextRef, ConfigBag, Intercept,
                 },
                 error::BoxError,
-                operation::send_message_batch::SendMessageBatchInput,
+                operation::{
+                    delete_message_batch::DeleteMessageBatchInput,
+                    send_message_batch::SendMessageBatchInput,
+                },
                 types::{MessageAttributeValue, QueueAttributeName},
             },
             sdk_config_from_env, SqsTransport, MAX_BATCH_ENTRIES,
@@ -124,11 +127,13 @@ async fn stats_count_each_state() {
 // ---------------------------------------------------------------------------------------------
 // SQS only
 
-/// Counts SDK operations (not retry attempts) and the entries of each `SendMessageBatch`.
+/// Counts SDK operations (not retry attempts), the entries of each `SendMessageBatch` and of
+/// each `DeleteMessageBatch`.
 #[derive(Debug, Default, Clone)]
 struct Calls {
     operations: Arc<AtomicUsize>,
     batches: Arc<Mutex<Vec<usize>>>,
+    deletes: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Intercept for Calls {
@@ -144,6 +149,9 @@ impl Intercept for Calls {
         self.operations.fetch_add(1, Ordering::SeqCst);
         if let Some(batch) = context.input().downcast_ref::<SendMessageBatchInput>() {
             self.batches.lock().unwrap().push(batch.entries().len());
+        }
+        if let Some(batch) = context.input().downcast_ref::<DeleteMessageBatchInput>() {
+            self.deletes.lock().unwrap().push(batch.entries().len());
         }
         Ok(())
     }
@@ -176,6 +184,43 @@ async fn drain(t: &SqsTransport, n: usize) -> Vec<Delivery> {
         got.extend(t.receive(10, Duration::from_millis(200)).await.unwrap());
     }
     got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acks_go_out_as_delete_message_batches_of_at_most_ten() {
+    let (t, calls) = counted(long_lease()).await;
+    let t = Arc::new(t);
+    let msgs: Vec<_> = (0..30)
+        .map(|i| OutgoingMessage::new(format!("{{\"n\":{i}}}")))
+        .collect();
+    t.publish(msgs).await.expect("publish 30");
+    let got = drain(&t, 30).await;
+    let acks: Vec<_> = got
+        .into_iter()
+        .map(|d| {
+            let t = t.clone();
+            tokio::spawn(async move { t.ack(&d).await })
+        })
+        .collect();
+    for a in acks {
+        a.await.unwrap().expect("every ack applied");
+    }
+    let deletes = calls.deletes.lock().unwrap().clone();
+    assert_eq!(
+        deletes.iter().sum::<usize>(),
+        30,
+        "one entry per ack: {deletes:?}"
+    );
+    assert!(
+        deletes.iter().all(|n| (1..=10).contains(n)),
+        "at most 10 per call: {deletes:?}"
+    );
+    assert!(
+        deletes.len() < 30,
+        "acks waiting together share a call: {deletes:?}"
+    );
+    let s = t.stats().await.unwrap();
+    assert_eq!((s.ready, s.in_flight), (0, 0), "all deleted: {s:?}");
 }
 
 #[tokio::test]

@@ -46,6 +46,9 @@
 //!
 //! # Leases
 //!
+//! Acks are `DeleteMessageBatch` calls: acks waiting together share one (up to 10 entries),
+//! and each ack gets its own entry's answer.
+//!
 //! SQS does not reliably refuse a stale receipt handle: AWS documents that `DeleteMessage` with
 //! an older handle "succeeds, but the message might not be deleted", and moto deletes the message
 //! with any handle it ever issued. So each handle keeps its own lease clock: the monotonic time
@@ -851,6 +854,87 @@ struct Shared {
     max_receive_count: u32,
     leases: Mutex<HashMap<String, Lease>>,
     fifo_memo: Mutex<FifoMemo>,
+    /// Acks waiting to be sent together (see [`batch_acks`]).
+    acks: tokio::sync::mpsc::UnboundedSender<PendingAck>,
+}
+
+/// One ack waiting for the batcher, and where its own answer goes.
+struct PendingAck {
+    handle: String,
+    reply: tokio::sync::oneshot::Sender<Result<(), SdkErr>>,
+}
+
+/// Sends acks as `DeleteMessageBatch` calls of up to [`MAX_BATCH_ENTRIES`]: whatever acks are
+/// waiting when a call can go out go together (under load batches fill while one is in
+/// flight; an idle worker's ack goes alone at once, so batching adds no latency). Each ack gets
+/// its own entry's answer: a failed entry fails that ack only.
+async fn batch_acks(
+    client: Client,
+    queue_url: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<PendingAck>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_ENTRIES {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let entries = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&p.handle)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let out = client
+            .delete_message_batch()
+            .queue_url(&queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                let mut failed: HashMap<String, SdkErr> = out
+                    .failed()
+                    .iter()
+                    .map(|f| {
+                        let err = SdkErr {
+                            op: "DeleteMessageBatch",
+                            queue: queue_url.clone(),
+                            code: Some(f.code().to_owned()),
+                            message: f.message().map(str::to_owned),
+                            text: format!("{}: {}", f.code(), f.message().unwrap_or_default()),
+                        };
+                        (f.id().to_owned(), err)
+                    })
+                    .collect();
+                for (i, p) in batch.into_iter().enumerate() {
+                    let _ = p.reply.send(match failed.remove(&i.to_string()) {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    });
+                }
+            }
+            Err(e) => {
+                let e = SdkErr::new("DeleteMessageBatch", &queue_url, e);
+                for p in batch {
+                    let _ = p.reply.send(Err(SdkErr {
+                        op: e.op,
+                        queue: e.queue.clone(),
+                        code: e.code.clone(),
+                        message: e.message.clone(),
+                        text: e.text.clone(),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 impl SqsTransport {
@@ -904,6 +988,8 @@ impl SqsTransport {
                 (q, d, config.max_receive_count)
             }
         };
+        let (acks, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(batch_acks(client.clone(), queue_url.clone(), pending));
         Ok(Self(Arc::new(Shared {
             opts,
             config,
@@ -913,6 +999,7 @@ impl SqsTransport {
             max_receive_count,
             leases: Mutex::new(HashMap::new()),
             fifo_memo: Mutex::new(FifoMemo::default()),
+            acks,
         })))
     }
 
@@ -1235,8 +1322,16 @@ impl Shared {
     async fn ack_delivery(&self, d: &Delivery) -> Result<()> {
         let r = parse_receipt(d)?;
         self.check_lease(d, &r)?;
-        self.delete(&self.queue_url, &r.handle)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.acks
+            .send(PendingAck {
+                handle: r.handle.clone(),
+                reply,
+            })
+            .map_err(|_| Error::Transport("sqs: the ack batcher has stopped".into()))?;
+        answer
             .await
+            .map_err(|_| Error::Transport("sqs: the ack batcher dropped an ack".into()))?
             .map_err(|e| lost_or(e, d))?;
         self.settled(&r);
         self.forget_failure(&r);
