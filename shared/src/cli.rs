@@ -79,6 +79,9 @@ enum Command {
         /// Only those that failed with this class.
         #[arg(long, value_enum)]
         error_class: Option<FailureClass>,
+        /// At most this many messages per second (spares a downstream that just recovered).
+        #[arg(long)]
+        rate: Option<f64>,
         /// Print the moved messages as JSON.
         #[arg(long)]
         json: bool,
@@ -229,6 +232,7 @@ where
             limit,
             dry_run,
             error_class,
+            rate,
             json,
         } => {
             let filter = RedriveFilter {
@@ -236,7 +240,10 @@ where
                 error_class,
                 dry_run,
             };
-            let moved = rt.transport().redrive(&filter).await?;
+            let moved = match rate {
+                Some(rate) if !dry_run => redrive_paced(rt.transport(), &filter, rate).await?,
+                _ => rt.transport().redrive(&filter).await?,
+            };
             if json {
                 println!(
                     "{}",
@@ -298,6 +305,36 @@ where
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Redrives one message at a time, `rate` per second at most.
+async fn redrive_paced(
+    transport: &impl Transport,
+    filter: &RedriveFilter,
+    rate: f64,
+) -> Result<Vec<DeadLetter>> {
+    if !(rate > 0.0 && rate.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "--rate {rate}: must be a positive number of messages per second"
+        )));
+    }
+    let every = Duration::from_secs_f64(1.0 / rate);
+    let one = RedriveFilter {
+        limit: Some(1),
+        ..filter.clone()
+    };
+    let mut moved = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    while filter.limit.is_none_or(|l| moved.len() < l) {
+        tokio::time::sleep_until(next).await;
+        next += every;
+        let got = transport.redrive(&one).await?;
+        if got.is_empty() {
+            break;
+        }
+        moved.extend(got);
+    }
+    Ok(moved)
 }
 
 /// The multi-threaded tokio runtime every mode runs on; on failure, the exit code to return.

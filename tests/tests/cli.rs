@@ -252,3 +252,41 @@ fn the_function_section_is_validated_at_start_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("app.failure_rte"), "{err}");
 }
+
+#[test]
+fn redrive_rate_paces_the_moves() {
+    let (_dir, sb, bin) = setup();
+    for i in 0..5 {
+        ok(&sb, &bin, &["send", &format!("not json {i}")]);
+    }
+    ok(
+        &sb,
+        &bin,
+        &["run", "--drain", "--set", "transport.wait=100ms"],
+    );
+    assert_eq!(json(&sb, &bin, &["stats", "--json"])["dead_lettered"], 5);
+    let started = std::time::Instant::now();
+    let moved = json(
+        &sb,
+        &bin,
+        &["redrive", "--rate", "10", "--limit", "4", "--json"],
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        moved.as_array().unwrap().len(),
+        4,
+        "the limit holds with a rate"
+    );
+    // Four moves at 10/s: the 2nd, 3rd and 4th wait 100 ms each.
+    assert!(
+        took >= std::time::Duration::from_millis(300),
+        "paced: {took:?}"
+    );
+    let stats = json(&sb, &bin, &["stats", "--json"]);
+    assert_eq!(
+        (stats["ready"].as_u64(), stats["dead_lettered"].as_u64()),
+        (Some(4), Some(1))
+    );
+    let out = run(&sb, &bin, &["redrive", "--rate", "0"]);
+    assert_eq!(out.status.code(), Some(2), "a rate of 0 is refused");
+}
