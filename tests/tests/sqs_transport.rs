@@ -615,3 +615,56 @@ async fn redriven_messages_count_their_redrives_when_dead_lettered_again() {
     assert_eq!(dl.last_error, "second");
     assert_eq!(dl.attempts, 1);
 }
+
+/// The conformance checks that apply to FIFO queues, on a FIFO queue (`<name>.fifo`, one
+/// message group). Not run here: concurrent consumers (moto's FIFO delivery races with several
+/// consumers, see EMULATORS.md); delays in stats (FIFO queues have no per-message delay, and a
+/// retry is the message's own visibility, which SQS counts as in flight, not delayed). FIFO
+/// retries are proved by the group-order test above instead.
+mod fifo {
+    use super::*;
+
+    /// The SQS queue is `<queue>.fifo`; `queue` stays the name the suite checks in history.
+    async fn make_fifo(mut opts: TransportOptions) -> SqsTransport {
+        moto();
+        opts.url = format!("{}.fifo", opts.queue);
+        SqsTransport::open(opts)
+            .await
+            .expect("open fifo sqs transport")
+    }
+
+    #[tokio::test]
+    async fn ack_removes_the_message() {
+        suite::ack_removes_the_message(make_fifo).await;
+    }
+
+    #[tokio::test]
+    async fn dead_letter_keeps_bytes_and_history() {
+        suite::dead_letter_keeps_bytes_and_history(make_fifo).await;
+    }
+
+    #[tokio::test]
+    async fn crash_loop_guard_dead_letters_after_max_deliveries() {
+        suite::crash_loop_guard_dead_letters_after_max_deliveries(make_fifo).await;
+    }
+
+    #[tokio::test]
+    async fn expired_lease_redelivers_and_stale_holder_cannot_settle() {
+        suite::expired_lease_redelivers_and_stale_holder_cannot_settle(make_fifo).await;
+    }
+
+    #[tokio::test]
+    async fn extend_keeps_the_message_leased() {
+        suite::extend_keeps_the_message_leased(make_fifo).await;
+    }
+
+    #[tokio::test]
+    async fn release_returns_the_message_at_once() {
+        suite::release_returns_the_message_at_once(make_fifo).await;
+    }
+
+    #[tokio::test]
+    async fn redrive_moves_dead_letters_back_with_attempts_reset() {
+        suite::redrive_moves_dead_letters_back_with_attempts_reset(make_fifo).await;
+    }
+}
