@@ -350,3 +350,22 @@ pub mod rabbit {
 }
 
 pub mod lambda;
+
+/// How to start moto, for the messages of the tests that need it.
+pub const START_MOTO: &str = "start moto: eval \"$(scripts/moto.sh start)\"";
+
+/// The moto endpoint (`SLUICE_TEST_MOTO`, set by `scripts/moto.sh`). Panics unless the SDK's
+/// own endpoint variable for `service` (`AWS_ENDPOINT_URL_S3`, `_SQS`) or `AWS_ENDPOINT_URL`
+/// points at it too, so no request of a test, or of a process it starts, can reach real AWS.
+pub fn moto(service: &str) -> String {
+    let moto = std::env::var("SLUICE_TEST_MOTO")
+        .unwrap_or_else(|_| panic!("SLUICE_TEST_MOTO is not set: {START_MOTO}"));
+    let sdk = std::env::var(format!("AWS_ENDPOINT_URL_{service}"))
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .unwrap_or_default();
+    assert_eq!(
+        sdk, moto,
+        "AWS_ENDPOINT_URL must point at moto ({moto}), or the SDK would call real AWS: {START_MOTO}"
+    );
+    moto
+}

@@ -36,23 +36,13 @@ use sluice_tests::{
 };
 
 const FUNCTION: &str = "charge-payment";
-const START_MOTO: &str = "start moto: eval \"$(scripts/moto.sh start)\"";
 /// The invocation's time: the deadline the stub gives each event.
 const BUDGET: Duration = Duration::from_secs(30);
 /// Retry delay envelope used by the retry tests (full jitter draws below it; SQS rounds up).
 const RETRY_BASE: &str = "3s";
 
 fn moto() -> String {
-    let moto = std::env::var("SLUICE_TEST_MOTO")
-        .unwrap_or_else(|_| panic!("SLUICE_TEST_MOTO is not set: {START_MOTO}"));
-    let sdk = std::env::var("AWS_ENDPOINT_URL_SQS")
-        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-        .unwrap_or_default();
-    assert_eq!(
-        sdk, moto,
-        "AWS_ENDPOINT_URL must point at moto ({moto}), or the SDK would call real AWS: {START_MOTO}"
-    );
-    moto
+    sluice_tests::moto("SQS")
 }
 
 fn fixture(name: &str) -> Value {

@@ -13,18 +13,8 @@ use sluice::{
 };
 use sluice_tests::{charge_body, lambda::lambda_binary, ledger_counts};
 
-const START_MOTO: &str = "start moto: eval \"$(scripts/moto.sh start)\"";
-
 fn moto() {
-    let moto = std::env::var("SLUICE_TEST_MOTO")
-        .unwrap_or_else(|_| panic!("SLUICE_TEST_MOTO is not set: {START_MOTO}"));
-    let sdk = std::env::var("AWS_ENDPOINT_URL_SQS")
-        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-        .unwrap_or_default();
-    assert_eq!(
-        sdk, moto,
-        "AWS_ENDPOINT_URL must point at moto: {START_MOTO}"
-    );
+    sluice_tests::moto("SQS");
 }
 
 async fn queue(name: &str, max_receive: u32) -> SqsTransport {

@@ -16,8 +16,6 @@ use std::{
 use sluice::conformance::{poll_until, unique};
 use sluice_tests::{function_binary, ledger_counts, Sandbox};
 
-const START_MOTO: &str = "start moto: eval \"$(scripts/moto.sh start)\"";
-
 /// Longest a step may take (moto handles a few hundred messages a second on short queues).
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -27,16 +25,7 @@ const BODY: &str =
 /// Panics unless the SDK's endpoint variable points at moto, so no process this test starts
 /// can reach real AWS.
 fn assert_moto() {
-    let moto = std::env::var("SLUICE_TEST_MOTO")
-        .unwrap_or_else(|_| panic!("SLUICE_TEST_MOTO is not set: {START_MOTO}"));
-    let sdk = std::env::var("AWS_ENDPOINT_URL_SQS")
-        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-        .unwrap_or_default();
-    assert_eq!(
-        sdk, moto,
-        "AWS_ENDPOINT_URL must point at moto ({moto}), or the workers would call real AWS: \
-         {START_MOTO}"
-    );
+    sluice_tests::moto("SQS");
 }
 
 /// A sandbox (idempotency store and ledger files) around one SQS queue of its own.

@@ -43,21 +43,10 @@ use sluice::{
     },
 };
 
-const START_MOTO: &str = "start moto: eval \"$(scripts/moto.sh start)\"";
-
 /// The moto endpoint; panics unless the SDK's own endpoint variable points at it too, so no
 /// request of this test can reach real AWS.
 fn moto() -> String {
-    let moto = std::env::var("SLUICE_TEST_MOTO")
-        .unwrap_or_else(|_| panic!("SLUICE_TEST_MOTO is not set: {START_MOTO}"));
-    let sdk = std::env::var("AWS_ENDPOINT_URL_SQS")
-        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-        .unwrap_or_default();
-    assert_eq!(
-        sdk, moto,
-        "AWS_ENDPOINT_URL must point at moto ({moto}), or the SDK would call real AWS: {START_MOTO}"
-    );
-    moto
+    sluice_tests::moto("SQS")
 }
 
 /// A handle on the queue named `opts.queue` (created with its DLQ on first open).
