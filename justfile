@@ -30,7 +30,7 @@ test: lint
     cargo test --doc --workspace --quiet
     cargo nextest run --workspace --no-fail-fast
 
-# Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
+# Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
 bench what *args:
     #!/usr/bin/env bash
     set -euo pipefail

@@ -4,7 +4,9 @@
 //!
 //! # Topology
 //!
-//! For a work queue `<q>`, declared idempotently when a handle opens and by `provision`:
+//! For a work queue `<q>`, declared idempotently when a handle opens (unless
+//! [`RabbitConfig::declare`] is off: then the queues are only checked to exist) and by
+//! `provision`. `infra/rabbitmq/definitions.json` holds the same for the example functions:
 //!
 //! | name | kind | arguments | role |
 //! |---|---|---|---|
@@ -48,15 +50,19 @@
 //! away publishes it to the next step (the largest <= the time left), confirms, acks, and does
 //! not hand it out. So any delay is a chain of at most a few steps (a binary decomposition; 512 s
 //! steps repeat for longer delays), and a delivery comes **at most 250 ms early** (the smallest
-//! step; a delay under 250 ms is not delayed at all), plus clock skew between workers; each hop
-//! can only make it later. The conformance suite is run with `rounding = 250 ms`.
+//! step), plus clock skew between workers; each hop can only make it later. A delay under
+//! 250 ms (but not zero) waits the 250 ms step, so it comes up to 250 ms **late** rather than at
+//! once: a short backoff must not turn into an immediate redelivery that burns a delivery
+//! attempt. A zero delay goes straight back to `<q>`. The conformance suite is run with
+//! `rounding = 250 ms`.
 //! A chained copy waits in `<q>` between steps only while some consumer is receiving.
 //!
 //! # Receiving and leases
 //!
 //! A handle starts one consumer on its first `receive`, with a prefetch of
-//! [`RabbitConfig::prefetch`] (20; DESIGN says concurrency x 2); a handle that only publishes
-//! never takes messages. Deliveries wait in a local buffer; `receive(max, wait)` hands out up to
+//! [`RabbitConfig::prefetch`] (20 by default; DESIGN says concurrency x 2, which needs a
+//! settings key: until then [`env::PREFETCH`] sets it); a handle that only publishes never
+//! takes messages. Deliveries wait in a local buffer; `receive(max, wait)` hands out up to
 //! `max` of them, waiting up to `wait` for the first. The receipt is
 //! `<handle>:<connection generation>:<channel id>:<delivery tag>`, and settling goes through
 //! lapin's `Acker` of the channel the message came on: a delivery tag of a dead channel or of an
@@ -75,11 +81,19 @@
 //! # Settling
 //!
 //! Nothing is acked before its copy is confirmed: `retry_after` publishes the copy (to a delay
-//! step, or straight back to `<q>` for delays under 250 ms) and `dead_letter` publishes to
+//! step, or straight back to `<q>` for a zero delay) and `dead_letter` publishes to
 //! `<q>.dlq`, each with publisher confirms and `mandatory`, then acks the original. If the
 //! publish fails, the lease is kept (it runs out and the message returns); if the ack fails
-//! after a confirmed copy, the message is duplicated (at-least-once), never lost. `ack` is
-//! `basic.ack`; `release` is `basic.nack` with requeue (the delivery counts).
+//! after a confirmed copy, the message is duplicated (at-least-once), never lost. `release`
+//! (and a lease running out) is `basic.nack` with requeue of that delivery alone (it counts).
+//!
+//! Acks are coalesced per channel (`AckWindow`): one `basic.ack` with `multiple = true` for
+//! the highest tag of a run of finished deliveries that starts at the channel's oldest
+//! unsettled one. A delivery still prefetched, still being handled, waiting for its copy's
+//! confirm, or being nacked ends the run, so a multiple ack never covers it; finished
+//! deliveries behind such a gap are acked one by one after [`ACK_LINGER`] (1 ms). `ack` returns
+//! once the frame that covers its delivery is sent (as an uncoalesced `basic.ack` would), so
+//! a worker that has returned from its last ack leaves nothing unsent when it exits.
 //!
 //! # Headers: ours, the broker's, and forged ones
 //!
@@ -131,10 +145,11 @@
 //! returned and the caller's own retry takes over), declares the topology again, and starts a
 //! fresh consumer: a new generation. Unacked deliveries of the dead connection are redelivered
 //! by the broker; settling them here returns `LeaseLost`. A lost channel (e.g. killed by
-//! `consumer_timeout`) is replaced the same way. The URL's password is never printed.
+//! `consumer_timeout`) is replaced the same way. The URL's password is never printed. A login
+//! the broker refuses, or an unknown virtual host, is a configuration error at once (no retry).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, Weak,
@@ -149,13 +164,17 @@ use lapin::{
         BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
         ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
-    protocol::{AMQPErrorKind, AMQPSoftError},
+    protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError},
     types::{AMQPValue, FieldTable, LongString},
-    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ErrorKind, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind,
+    ExchangeKind,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
+
+/// The client this adapter is built on, re-exported so that tools beside it (the benchmark's
+/// raw baseline) and users speak to the broker with the same lapin version.
+pub use lapin;
 
 use super::{Transport, TransportOptions};
 use crate::{
@@ -236,7 +255,8 @@ const BROKER_HEADERS: [&str; 8] = [
 /// Adapter settings beyond [`TransportOptions`] (whose `url` is the `amqp(s)://` URL).
 #[derive(Debug, Clone)]
 pub struct RabbitConfig {
-    /// Messages the broker may push ahead of `receive` (unacked, per handle).
+    /// Messages the broker may push ahead of `receive` (unacked, per handle). Keep it above
+    /// the worker's concurrency plus one ack batch, or delivery stalls while acks are pending.
     pub prefetch: u16,
     /// Longest a delivery may be held, counted from the broker's delivery; keep it below the
     /// broker's `consumer_timeout` (30 min by default), which would close the channel.
@@ -244,6 +264,11 @@ pub struct RabbitConfig {
     /// Declare every queue with `x-expires` (and the exchange auto-delete), so that the broker
     /// removes an unused topology by itself. For tests; `None` in production.
     pub queue_expires: Option<Duration>,
+    /// Declare the topology when the handle connects (and on every reconnect). Off: it is
+    /// only checked to exist (passive declares), for brokers whose topology comes from
+    /// `infra/rabbitmq/definitions.json` or whose users may not configure. `provision`
+    /// declares either way.
+    pub declare: bool,
 }
 
 impl Default for RabbitConfig {
@@ -252,7 +277,51 @@ impl Default for RabbitConfig {
             prefetch: 20,
             max_hold: Duration::from_secs(29 * 60),
             queue_expires: None,
+            declare: true,
         }
+    }
+}
+
+/// Environment variables read by [`RabbitConfig::from_env`] (interim: these become settings
+/// keys).
+pub mod env {
+    /// The prefetch ([`super::RabbitConfig::prefetch`]), 1 to 65535.
+    pub const PREFETCH: &str = "SLUICE_RABBITMQ_PREFETCH";
+    /// `false` (or `0`) turns the declaration at connect off ([`super::RabbitConfig::declare`]).
+    pub const DECLARE: &str = "SLUICE_RABBITMQ_DECLARE";
+}
+
+impl RabbitConfig {
+    /// The defaults, with [`env::PREFETCH`] and [`env::DECLARE`] applied when set. This is how
+    /// a function binary (which opens the transport through [`super::AnyTransport`]) gets them
+    /// until they are settings keys.
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut c = Self::default();
+        if let Some(v) = var(env::PREFETCH) {
+            c.prefetch = v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: {v:?} is not a number from 1 to 65535",
+                    env::PREFETCH
+                ))
+            })?;
+        }
+        if let Some(v) = var(env::DECLARE) {
+            c.declare = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "{}: {v:?} is not true or false",
+                        env::DECLARE
+                    )))
+                }
+            };
+        }
+        Ok(c)
     }
 }
 
@@ -293,14 +362,20 @@ impl Names {
         self.delays[0].0
     }
 
-    /// Where a copy due in `delay` goes: the largest step <= `delay`, or straight to the work
-    /// queue when the delay is under the smallest step.
+    /// Where a copy due in `delay` goes: the largest step <= `delay`; the smallest step for a
+    /// delay under it (so that a short backoff is not an immediate redelivery); the work queue
+    /// for no delay.
     fn route(&self, delay: Duration) -> &str {
+        if delay.is_zero() {
+            return self.work.as_str();
+        }
         self.delays
             .iter()
             .rev()
             .find(|(step, _)| *step <= delay)
-            .map_or(self.work.as_str(), |(_, name)| name.as_str())
+            .unwrap_or(&self.delays[0])
+            .1
+            .as_str()
     }
 
     fn all_queues(&self) -> impl Iterator<Item = &str> {
@@ -349,11 +424,12 @@ struct Intake {
     generation: u64,
     channel: Channel,
     consumer: Consumer,
+    window: Arc<AckWindow>,
 }
 
 struct Pending {
     generation: u64,
-    channel: u16,
+    window: Arc<AckWindow>,
     arrived: Instant,
     delivery: lapin::message::Delivery,
 }
@@ -361,7 +437,8 @@ struct Pending {
 struct Lease {
     id: String,
     generation: u64,
-    acker: Acker,
+    window: Arc<AckWindow>,
+    tag: u64,
     deadline: Instant,
     hold_until: Instant,
     properties: BasicProperties,
@@ -386,9 +463,10 @@ struct Envelope {
 }
 
 impl RabbitTransport {
-    /// Connects to `opts.url`, declares the topology and starts the lease keeper.
+    /// Connects to `opts.url`, declares the topology and starts the lease keeper, with
+    /// [`RabbitConfig::from_env`].
     pub async fn open(opts: TransportOptions) -> Result<Self> {
-        Self::open_with(opts, RabbitConfig::default()).await
+        Self::open_with(opts, RabbitConfig::from_env()?).await
     }
 
     /// [`RabbitTransport::open`] with adapter settings.
@@ -449,19 +527,219 @@ async fn keep_leases(inner: Weak<Inner>, tick: Duration) {
         drop(inner);
         for lease in expired {
             tracing::debug!(id = %lease.id, "lease ran out unsettled: requeued");
-            requeue(&lease.acker).await;
+            lease.window.requeue(lease.tag).await;
         }
     }
 }
 
-/// Returns a delivery to its queue (it counts as a delivery); a dead channel already did.
-async fn requeue(acker: &Acker) {
-    let requeue = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    if let Err(e) = acker.nack(requeue).await {
-        tracing::debug!(error = %e, "requeue failed: the channel is gone and the broker redelivers");
+// ---------------------------------------------------------------------------------------------
+// Coalesced acks
+
+/// The consumer channel's deliveries that no settle frame has been sent for, and the task
+/// that acks finished ones with as few frames as it safely can.
+///
+/// `basic.ack(tag, multiple = true)` settles every unsettled delivery of the channel up to
+/// `tag`, so it may only be sent for the highest tag of a run that starts at the channel's
+/// oldest unsettled delivery and holds finished ones only. A delivery that is prefetched,
+/// handed out, or waiting for its retry or dead-letter copy to be confirmed is not finished,
+/// and a delivery being nacked (requeued) blocks the run until its nack frame is sent, so a
+/// multiple ack never covers it. Finished deliveries behind an unfinished one (a slow
+/// handler) are acked one by one after [`ACK_LINGER`], so they do not wait for it.
+///
+/// The caller of [`AckWindow::ack`] waits until the frame covering its delivery is sent: once
+/// the worker has returned from its last ack, nothing is left to flush when the process exits.
+struct AckWindow {
+    channel: Channel,
+    tags: Mutex<BTreeMap<u64, Tag>>,
+    /// Wakes the flusher; shared with it so that it can outlive the window and stop.
+    kick: Arc<tokio::sync::Notify>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Where one delivery of the window stands.
+enum Tag {
+    /// Prefetched or handed out.
+    Held,
+    /// Finished: waiting for the ack frame that covers it (the flag says whether it was sent).
+    Done {
+        since: Instant,
+        sent: tokio::sync::oneshot::Sender<bool>,
+    },
+    /// A nack (requeue) of it alone is under way.
+    Settling,
+}
+
+/// Finished deliveries taken for an ack frame: their tags, and who waits for the frame.
+type Finished = Vec<(u64, tokio::sync::oneshot::Sender<bool>)>;
+
+/// How long a finished delivery behind an unfinished one waits to be covered by a multiple
+/// ack before it is acked alone. Short: the worker's slot is held meanwhile.
+pub const ACK_LINGER: Duration = Duration::from_millis(1);
+
+impl AckWindow {
+    fn new(channel: Channel) -> Arc<Self> {
+        let window = Arc::new(Self {
+            channel,
+            tags: Mutex::new(BTreeMap::new()),
+            kick: Arc::new(tokio::sync::Notify::new()),
+            closed: Arc::default(),
+        });
+        tokio::spawn(flush_acks(
+            Arc::downgrade(&window),
+            window.kick.clone(),
+            window.closed.clone(),
+        ));
+        window
+    }
+
+    /// A delivery arrived on the channel (tags arrive in increasing order).
+    fn hold(&self, tag: u64) {
+        self.tags.lock().expect("ack window").insert(tag, Tag::Held);
+    }
+
+    fn usable(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Marks the delivery finished and waits until an ack covering it is sent. `Ok(false)`:
+    /// it was settled already, or its channel closed first (the broker redelivers it).
+    async fn ack(&self, tag: u64) -> lapin::Result<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut tags = self.tags.lock().expect("ack window");
+            match tags.get_mut(&tag) {
+                Some(t @ Tag::Held) => {
+                    *t = Tag::Done {
+                        since: Instant::now(),
+                        sent: tx,
+                    }
+                }
+                _ => return Ok(false),
+            }
+        }
+        self.kick.notify_one();
+        Ok(rx.await.unwrap_or(false))
+    }
+
+    /// Nacks the delivery alone (requeue: it returns to the queue and counts as a delivery).
+    async fn nack(&self, tag: u64) -> lapin::Result<bool> {
+        {
+            let mut tags = self.tags.lock().expect("ack window");
+            match tags.get_mut(&tag) {
+                Some(t @ Tag::Held) => *t = Tag::Settling,
+                _ => return Ok(false),
+            }
+        }
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        let result = self.channel.basic_nack(tag, requeue).await;
+        // Only now may a multiple ack pass over it: its nack frame went out first.
+        self.tags.lock().expect("ack window").remove(&tag);
+        self.kick.notify_one();
+        result.map(|()| true)
+    }
+
+    /// [`AckWindow::nack`] for paths that cannot report a failure: a dead channel returns the
+    /// delivery by itself.
+    async fn requeue(&self, tag: u64) {
+        if let Err(e) = self.nack(tag).await {
+            tracing::debug!(error = %e, "requeue failed: the channel is gone and the broker redelivers");
+        }
+    }
+
+    /// One flush: takes what can be acked now. Returns (the run to ack with one frame, the
+    /// finished deliveries behind a gap that waited long enough, when to look again).
+    fn take_flushable(&self, now: Instant) -> (Finished, Finished, Option<Instant>) {
+        let mut tags = self.tags.lock().expect("ack window");
+        let mut run = Vec::new();
+        while let Some(entry) = tags.first_entry() {
+            if !matches!(entry.get(), Tag::Done { .. }) {
+                break;
+            }
+            if let (tag, Tag::Done { sent, .. }) = entry.remove_entry() {
+                run.push((tag, sent));
+            }
+        }
+        let mut alone = Vec::new();
+        let mut next: Option<Instant> = None;
+        let overdue: Vec<u64> = tags
+            .iter()
+            .filter_map(|(tag, t)| match t {
+                Tag::Done { since, .. } if now.duration_since(*since) >= ACK_LINGER => Some(*tag),
+                Tag::Done { since, .. } => {
+                    let due = *since + ACK_LINGER;
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                    None
+                }
+                _ => None,
+            })
+            .collect();
+        for tag in overdue {
+            if let Some(Tag::Done { sent, .. }) = tags.remove(&tag) {
+                alone.push((tag, sent));
+            }
+        }
+        (run, alone, next)
+    }
+}
+
+impl Drop for AckWindow {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.kick.notify_one();
+    }
+}
+
+/// The window's flusher: one ack frame per contiguous run of finished deliveries. It yields
+/// once before looking, so that pipelines finishing at the same moment join the frame (about
+/// 40 deliveries a frame at full speed in `just bench rabbitmq`, 15 without the yield); acks
+/// that arrive while a frame is being sent go in the next one.
+async fn flush_acks(
+    window: Weak<AckWindow>,
+    kick: Arc<tokio::sync::Notify>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut next: Option<Instant> = None;
+    loop {
+        match next {
+            Some(at) => {
+                let _ = tokio::time::timeout_at(at.into(), kick.notified()).await;
+            }
+            None => kick.notified().await,
+        }
+        if closed.load(Ordering::Relaxed) {
+            break;
+        }
+        // Let the pipelines that are finishing right now (they run on this runtime) join
+        // this frame: more deliveries per ack, fewer frames for the broker.
+        tokio::task::yield_now().await;
+        let Some(window) = window.upgrade() else {
+            break;
+        };
+        let (run, alone, due) = window.take_flushable(Instant::now());
+        next = due;
+        if let Some((last, _)) = run.last() {
+            let multiple = run.len() > 1;
+            let ok = window
+                .channel
+                .basic_ack(*last, BasicAckOptions { multiple })
+                .await
+                .map_err(|e| tracing::debug!(error = %e, "ack failed: the channel is gone and the broker redelivers"))
+                .is_ok();
+            for (_, sent) in run {
+                let _ = sent.send(ok);
+            }
+        }
+        for (tag, sent) in alone {
+            let ok = window
+                .channel
+                .basic_ack(tag, BasicAckOptions::default())
+                .await
+                .is_ok();
+            let _ = sent.send(ok);
+        }
     }
 }
 
@@ -532,23 +810,43 @@ impl Inner {
             tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.opts.url, props))
                 .await
                 .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
-                .map_err(|e| {
-                    Error::Transport(format!(
-                        "rabbitmq: connect to {}: {e}",
-                        redact_url(&self.opts.url)
-                    ))
-                })?;
+                .map_err(|e| connect_error(&self.opts.url, e))?;
         let session = Session {
             generation,
             connection,
             publisher: tokio::sync::Mutex::new(None),
             admin: tokio::sync::Mutex::new(None),
         };
-        {
+        if self.config.declare {
             let admin = session.admin().await?;
             self.declare(admin.as_ref().expect("admin channel")).await?;
+        } else if let Err(e) = self.check_topology(&session).await {
+            // Not fatal: `provision` must still run, and a worker starts working once the
+            // topology is imported (until then its receive fails with this same reason).
+            tracing::warn!(error = %e, "RabbitMQ topology is incomplete");
         }
         Ok(session)
+    }
+
+    /// With declaring off: every queue of the topology should exist already.
+    async fn check_topology(&self, session: &Session) -> Result<()> {
+        for name in self.names.all_queues() {
+            let mut admin = session.admin().await?;
+            let ch = admin.as_ref().expect("admin channel");
+            if let Err(e) = ch
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions::default().passive(),
+                    FieldTable::default(),
+                )
+                .await
+            {
+                // A failed passive declare closes the channel.
+                *admin = None;
+                return Err(missing_queue(name, e));
+            }
+        }
+        Ok(())
     }
 
     /// Declares the topology (idempotent).
@@ -684,7 +982,7 @@ impl Inner {
                 .with_message_id(id.as_str().into())
                 .with_timestamp(unix_secs(now))
                 .with_delivery_mode(PERSISTENT);
-            let (exchange, routing_key, properties) = if m.delay >= self.names.smallest_step() {
+            let (exchange, routing_key, properties) = if !m.delay.is_zero() {
                 // A delayed first publish travels the ladder like a retry copy, with no history.
                 let envelope = Envelope {
                     due_at: Some(now + m.delay),
@@ -754,17 +1052,7 @@ impl Inner {
             }
             match tokio::time::timeout(until - now, current.consumer.next()).await {
                 Err(_) => return Ok(out),
-                Ok(Some(Ok(d))) => {
-                    self.pending
-                        .lock()
-                        .expect("pending buffer")
-                        .push_back(Pending {
-                            generation: current.generation,
-                            channel: current.channel.id(),
-                            arrived: Instant::now(),
-                            delivery: d,
-                        })
-                }
+                Ok(Some(Ok(d))) => self.take_in(current, d),
                 Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "RabbitMQ consumer failed; starting a new one");
                     *intake = None;
@@ -803,9 +1091,10 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| broker("basic.consume", e))?;
+            .map_err(|e| missing_queue(&self.names.work, e))?;
         *intake = Some(Intake {
             generation: session.generation,
+            window: AckWindow::new(channel.clone()),
             channel,
             consumer,
         });
@@ -815,23 +1104,29 @@ impl Inner {
     /// Moves deliveries that already arrived into the pending buffer, without waiting.
     fn drain_ready(&self, intake: &mut Intake) {
         while let Some(Some(Ok(d))) = intake.consumer.next().now_or_never() {
-            self.pending
-                .lock()
-                .expect("pending buffer")
-                .push_back(Pending {
-                    generation: intake.generation,
-                    channel: intake.channel.id(),
-                    arrived: Instant::now(),
-                    delivery: d,
-                });
+            self.take_in(intake, d);
         }
+    }
+
+    /// A delivery off the consumer: held in the channel's ack window, buffered until handed out.
+    fn take_in(&self, intake: &Intake, d: lapin::message::Delivery) {
+        intake.window.hold(d.delivery_tag);
+        self.pending
+            .lock()
+            .expect("pending buffer")
+            .push_back(Pending {
+                generation: intake.generation,
+                window: intake.window.clone(),
+                arrived: Instant::now(),
+                delivery: d,
+            });
     }
 
     /// Turns a raw delivery into a leased [`Delivery`], or forwards a copy that is not due yet
     /// to the next delay step (and returns `None`).
     async fn admit(&self, session: &Session, p: Pending) -> Option<Delivery> {
         let raw = p.delivery;
-        if p.generation != session.generation || !raw.acker.usable() {
+        if p.generation != session.generation || !p.window.usable() {
             // Its channel is gone; the broker redelivers it.
             return None;
         }
@@ -843,7 +1138,7 @@ impl Inner {
         if let Some(due) = envelope.due_at {
             let left = due.duration_since(now).unwrap_or_default();
             if left >= self.names.smallest_step() {
-                self.forward(session, &raw, &id, &producer, &envelope, left)
+                self.forward(session, &p.window, &raw, &id, &producer, &envelope, left)
                     .await;
                 return None;
             }
@@ -862,7 +1157,10 @@ impl Inner {
             .map_or(now, |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
         let receipt = format!(
             "{}:{}:{}:{}",
-            self.nonce, p.generation, p.channel, raw.delivery_tag
+            self.nonce,
+            p.generation,
+            p.window.channel.id(),
+            raw.delivery_tag
         );
         let arrived = Instant::now();
         let hold_until = p.arrived + self.config.max_hold;
@@ -878,7 +1176,8 @@ impl Inner {
         let lease = Lease {
             id,
             generation: p.generation,
-            acker: raw.acker,
+            window: p.window,
+            tag: raw.delivery_tag,
             deadline: (arrived + self.opts.lease).min(hold_until),
             hold_until,
             properties: raw.properties,
@@ -894,9 +1193,11 @@ impl Inner {
     }
 
     /// A delayed copy came back early (the ladder rounds down): on to the next step.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         session: &Session,
+        window: &AckWindow,
         raw: &lapin::message::Delivery,
         id: &str,
         producer: &FieldTable,
@@ -911,13 +1212,16 @@ impl Inner {
             .await
         {
             Ok(()) => {
-                if let Err(e) = raw.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(id, error = %e, "forwarded a delayed copy but could not ack the old one: it is duplicated");
+                if !matches!(window.ack(raw.delivery_tag).await, Ok(true)) {
+                    tracing::warn!(
+                        id,
+                        "forwarded a delayed copy but could not ack the old one: it is duplicated"
+                    );
                 }
             }
             Err(e) => {
                 tracing::warn!(id, error = %e, "could not forward a delayed copy; it returns to the queue");
-                requeue(&raw.acker).await;
+                window.requeue(raw.delivery_tag).await;
             }
         }
     }
@@ -939,7 +1243,7 @@ impl Inner {
         };
         if lease.deadline <= Instant::now() {
             // Ran out before the keeper noticed: it goes back, and the holder lost it.
-            requeue(&lease.acker).await;
+            lease.window.requeue(lease.tag).await;
             return Err(Error::LeaseLost(d.id.clone()));
         }
         Ok(lease)
@@ -949,7 +1253,7 @@ impl Inner {
     /// gone the broker redelivers the original, so a copy would only duplicate it.
     async fn session_of(&self, lease: &Lease, d: &Delivery) -> Result<Arc<Session>> {
         let session = self.session().await?;
-        if session.generation != lease.generation || !lease.acker.usable() {
+        if session.generation != lease.generation || !lease.window.usable() {
             return Err(Error::LeaseLost(d.id.clone()));
         }
         Ok(session)
@@ -965,16 +1269,12 @@ impl Inner {
 
     async fn ack(&self, d: &Delivery) -> Result<()> {
         let lease = self.take_lease(d).await?;
-        settled(lease.acker.ack(BasicAckOptions::default()).await, &d.id)
+        settled(lease.window.ack(lease.tag).await, &d.id)
     }
 
     async fn release(&self, d: &Delivery) -> Result<()> {
         let lease = self.take_lease(d).await?;
-        let requeue = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        settled(lease.acker.nack(requeue).await, &d.id)
+        settled(lease.window.nack(lease.tag).await, &d.id)
     }
 
     async fn extend(&self, d: &Delivery, lease: Duration) -> Result<()> {
@@ -991,7 +1291,7 @@ impl Inner {
             }
         };
         if let Some(l) = expired {
-            requeue(&l.acker).await;
+            l.window.requeue(l.tag).await;
         }
         Err(Error::LeaseLost(d.id.clone()))
     }
@@ -1001,7 +1301,7 @@ impl Inner {
         let envelope = Envelope {
             // The copy's own deliveries count on from here.
             retries: d.attempt,
-            due_at: (delay >= self.names.smallest_step()).then(|| SystemTime::now() + delay),
+            due_at: (!delay.is_zero()).then(|| SystemTime::now() + delay),
             first_failure_at: Some(lease.envelope.first_failure_at.unwrap_or(failure.at)),
             last_failure_at: Some(failure.at),
             last_error: Some(cut(&failure.reason, MAX_ERROR_BYTES)),
@@ -1019,7 +1319,7 @@ impl Inner {
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => settled(lease.acker.ack(BasicAckOptions::default()).await, &d.id),
+            Ok(()) => settled(lease.window.ack(lease.tag).await, &d.id),
             Err(e) => {
                 self.restore(d, lease);
                 Err(e)
@@ -1051,7 +1351,7 @@ impl Inner {
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => settled(lease.acker.ack(BasicAckOptions::default()).await, &d.id),
+            Ok(()) => settled(lease.window.ack(lease.tag).await, &d.id),
             Err(e) => {
                 self.restore(d, lease);
                 Err(e)
@@ -1665,8 +1965,8 @@ fn check_confirm(c: Confirmation, routing_key: &str) -> Result<()> {
     }
 }
 
-/// The outcome of an ack/nack through lapin's `Acker`: `Ok(false)` (its channel is gone or it
-/// was settled) and errors both mean the broker will redeliver: the lease is lost.
+/// The outcome of an ack/nack through the [`AckWindow`]: `Ok(false)` (its channel is gone or
+/// it was settled) and errors both mean the broker will redeliver: the lease is lost.
 fn settled(r: lapin::Result<bool>, id: &str) -> Result<()> {
     match r {
         Ok(true) => Ok(()),
@@ -1686,12 +1986,53 @@ async fn queue_depth(ch: &Channel, name: &str) -> Result<u64> {
             FieldTable::default(),
         )
         .await
-        .map_err(|e| broker(&format!("queue.declare (passive) of {name:?}"), e))?;
+        .map_err(|e| missing_queue(name, e))?;
     Ok(u64::from(q.message_count()))
 }
 
 fn broker(what: &str, e: lapin::Error) -> Error {
     Error::Transport(format!("rabbitmq {what}: {e}"))
+}
+
+/// A queue that should exist but does not (declaring is off, or someone deleted it).
+fn missing_queue(name: &str, e: lapin::Error) -> Error {
+    match e.kind() {
+        ErrorKind::ProtocolError(amqp)
+            if amqp.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+        {
+            Error::Transport(format!(
+                "RabbitMQ has no queue {name:?}: run `provision`, or import \
+                 infra/rabbitmq/definitions.json (declaring at start is off: {}=false)",
+                env::DECLARE
+            ))
+        }
+        _ => broker(&format!("queue {name:?}"), e),
+    }
+}
+
+/// A refused login or an unknown virtual host is a configuration error: retrying cannot help.
+fn connect_error(url: &str, e: lapin::Error) -> Error {
+    let shown = redact_url(url);
+    if let ErrorKind::ProtocolError(amqp) = e.kind() {
+        match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                return Error::Config(format!(
+                    "key `transport.url`: RabbitMQ refused the login to {shown} (user, password \
+                     or permissions on the virtual host): {}",
+                    amqp.get_message()
+                ))
+            }
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                return Error::Config(format!(
+                    "key `transport.url`: RabbitMQ does not allow {shown} (does the virtual host \
+                     exist?): {}",
+                    amqp.get_message()
+                ))
+            }
+            _ => {}
+        }
+    }
+    Error::Transport(format!("rabbitmq: connect to {shown}: {e}"))
 }
 
 fn declare_error(name: &str, e: lapin::Error) -> Error {
@@ -1762,5 +2103,48 @@ impl Transport for RabbitTransport {
 
     async fn redrive(&self, filter: &RedriveFilter) -> Result<Vec<DeadLetter>> {
         self.inner.redrive(filter).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn interim_environment_sets_prefetch_and_declaring() {
+        let c = RabbitConfig::from_vars(vars(&[])).unwrap();
+        assert_eq!((c.prefetch, c.declare), (20, true));
+        let c = RabbitConfig::from_vars(vars(&[(env::PREFETCH, "200"), (env::DECLARE, "false")]))
+            .unwrap();
+        assert_eq!((c.prefetch, c.declare), (200, false));
+        for bad in [
+            (env::PREFETCH, "0"),
+            (env::PREFETCH, "lots"),
+            (env::DECLARE, "maybe"),
+        ] {
+            let err = RabbitConfig::from_vars(vars(&[bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(bad.0), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_ladder_routes_to_the_largest_step_not_above_the_delay_and_rounds_short_ones_up() {
+        let n = Names::new("q").unwrap();
+        assert_eq!(n.route(Duration::ZERO), "q");
+        assert_eq!(n.route(Duration::from_millis(100)), "q.delay.250");
+        assert_eq!(n.route(Duration::from_millis(250)), "q.delay.250");
+        assert_eq!(n.route(Duration::from_millis(1_999)), "q.delay.1000");
+        assert_eq!(n.route(Duration::from_secs(3_600)), "q.delay.512000");
     }
 }
