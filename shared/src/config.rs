@@ -36,6 +36,9 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     /// Function-specific settings, read with [`Settings::app`].
     pub app: toml_value::Table,
+    /// Deployment-only settings (Lambda memory, Kubernetes replicas, ...): the worker ignores
+    /// them; `sluice-infra` reads them to generate `infra/` from the same file.
+    pub deploy: toml_value::Table,
 }
 
 /// The free-form `[app]` table, kept as configuration values (not JSON) so that strings from
@@ -64,6 +67,7 @@ impl std::fmt::Debug for Settings {
                 "app",
                 &self.app.keys().map(|k| (k, "<hidden>")).collect::<Vec<_>>(),
             )
+            .field("deploy", &self.deploy)
             .finish()
     }
 }
