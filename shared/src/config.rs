@@ -507,18 +507,35 @@ impl Settings {
 
     /// Deserializes the function's `[app]` section, naming the key on error.
     pub fn app<C: serde::de::DeserializeOwned>(&self) -> Result<C> {
-        let value = config::Value::new(None, config::ValueKind::Table(self.app.clone()));
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            // A missing field is reported at the table itself, whose path prints as ".".
-            let path = e.path().to_string();
-            let key = if path == "." {
-                "app".to_owned()
-            } else {
-                format!("app.{path}")
-            };
-            Error::Config(format!("key `{key}`: {}", e.inner()))
-        })
+        section(&self.app, "app")
     }
+
+    /// Deserializes `[deploy.<name>]` (an empty table when absent, so `#[serde(default)]`
+    /// types get their defaults), naming the key on error. Read by `sluice-infra` only.
+    pub fn deploy<C: serde::de::DeserializeOwned>(&self, name: &str) -> Result<C> {
+        let table = match self.deploy.get(name) {
+            Some(value) => value.clone().into_table().map_err(|e| {
+                Error::Config(format!("key `deploy.{name}`: expected a table ({e})"))
+            })?,
+            None => toml_value::Table::new(),
+        };
+        section(&table, &format!("deploy.{name}"))
+    }
+}
+
+/// Deserializes one free-form table, naming the key (`<prefix>.<key>`) on error.
+fn section<C: serde::de::DeserializeOwned>(table: &toml_value::Table, prefix: &str) -> Result<C> {
+    let value = config::Value::new(None, config::ValueKind::Table(table.clone()));
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        // A missing field is reported at the table itself, whose path prints as ".".
+        let path = e.path().to_string();
+        let key = if path == "." {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}.{path}")
+        };
+        Error::Config(format!("key `{key}`: {}", e.inner()))
+    })
 }
 
 #[cfg(test)]

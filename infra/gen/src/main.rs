@@ -41,12 +41,13 @@ enum Command {
 pub struct Function {
     /// The folder name, also the binary's and the default queue's name.
     pub name: String,
-    /// Its `sluice.toml` loaded with no environment or overrides.
+    /// Its `sluice.toml` loaded with no environment or overrides. Deployment-only values are
+    /// read with `settings.deploy::<T>("lambda")` etc. (`[deploy.<section>]`).
     pub settings: Settings,
-    /// The raw `[deploy]` table of its `sluice.toml` (deployment-only settings the worker
-    /// ignores), as TOML text's parsed value.
-    pub deploy: serde_json::Value,
 }
+
+/// The `[deploy.<section>]` tables the generator knows; any other is a typo.
+const DEPLOY_SECTIONS: [&str; 2] = ["lambda", "kubernetes"];
 
 /// One generated file.
 pub struct Output {
@@ -133,13 +134,17 @@ fn load_functions(root: &Path) -> Result<Vec<Function>> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let settings = Settings::load(&name, Some(&text), std::iter::empty(), &[])
                 .with_context(|| format!("{}", path.display()))?;
-            let deploy = serde_json::to_value(&settings.deploy)
-                .with_context(|| format!("{}: [deploy]", path.display()))?;
-            Ok(Function {
-                name,
-                settings,
-                deploy,
-            })
+            if let Some(unknown) = settings
+                .deploy
+                .keys()
+                .find(|k| !DEPLOY_SECTIONS.contains(&k.as_str()))
+            {
+                anyhow::bail!(
+                    "{}: key `deploy.{unknown}`: unknown section, expected one of {DEPLOY_SECTIONS:?}",
+                    path.display()
+                );
+            }
+            Ok(Function { name, settings })
         })
         .collect()
 }
