@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# moto (PyPI moto[server]): the local emulator of SQS, S3 and CloudFormation.
-#   scripts/moto.sh install   create the venv and install moto (once per machine)
+# moto (PyPI moto[server]): the local emulator of SQS, S3 and CloudFormation, and cfn-lint
+# (PyPI), the CloudFormation linter `just infra-check` runs, in the same venv.
+#   scripts/moto.sh install   create the venv and install moto and cfn-lint (once per machine)
 #   scripts/moto.sh start     start it on a free loopback port; prints `export ...` lines
 #   scripts/moto.sh stop      stop the one started from this checkout
 # Usage in a shell: eval "$(scripts/moto.sh start)"
@@ -11,13 +12,20 @@ VENV=${SLUICE_VENV:-$HOME/.cache/sluice/venv}
 STATE=.sluice/moto
 mkdir -p "$STATE"
 
+# Pinned: a new cfn-lint release adds rules, and a lint that changes its verdict on the same
+# template between two runs is noise.
+CFN_LINT_VERSION=1.58.0
+
 install() {
-    if [ -x "$VENV/bin/moto_server" ]; then
-        return 0
+    if [ ! -x "$VENV/bin/moto_server" ]; then
+        echo "moto: installing moto[server] into $VENV (about 40 s, once)" >&2
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5.1,<6' >&2
     fi
-    echo "moto: installing moto[server] into $VENV (about 40 s, once)" >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5.1,<6' >&2
+    if ! "$VENV/bin/cfn-lint" --version 2>/dev/null | grep -qF "$CFN_LINT_VERSION"; then
+        echo "moto: installing cfn-lint $CFN_LINT_VERSION into $VENV (about 20 s, once)" >&2
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check "cfn-lint==$CFN_LINT_VERSION" >&2
+    fi
 }
 
 start() {
