@@ -26,8 +26,9 @@ test: lint
     # The Lambda flavour (no lapin), for tests/tests/lambda_mode.rs and local_esm.rs: built for
     # an explicit target so it lands beside the host binaries, not over them.
     cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda --target x86_64-unknown-linux-gnu
-    # Doc tests first: the last lines CI reads are nextest's summary.
+    # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
     cargo test --doc --workspace --quiet
+    scripts/infra-check.sh
     cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
@@ -84,6 +85,14 @@ package arch="x86_64":
         bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
         printf '%-18s %-8s %12s %12s\n' $fn {{arch}} "$bin" "$(stat -c %s "$zip")"
     done
+
+# Deploy files: drift against each sluice.toml, cfn-lint on every template, a deploy of each into moto, the k8s manifests; last line `infra: N templates linted, M resources deployed, K manifests valid`.
+infra-check:
+    scripts/infra-check.sh
+
+# (Re)write the deploy files under infra/ from each function's sluice.toml (docs/deploy.md).
+infra-generate:
+    cargo run --quiet -p sluice-infra -- generate
 
 # Format check and clippy with warnings as errors.
 lint:

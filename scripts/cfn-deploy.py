@@ -4,7 +4,7 @@
     scripts/cfn-deploy.py --stack NAME --template FILE [--param KEY=VALUE ...] [--code-zip ZIP]
 
 Prints one JSON object: {"stack", "status", "resources": [{"logical", "type", "physical"}],
-"outputs": {key: value}}. Exits 1 (with the stack's failure events on stderr) when the stack
+"outputs": {key: value}}; "resources" lists what was created (has a physical id). Exits 1 (with the stack's failure events on stderr) when the stack
 does not reach CREATE_COMPLETE.
 
 --code-zip uploads a Lambda zip to a bucket of its own first and sets the CodeBucket and
@@ -90,13 +90,16 @@ def main() -> int:
                 )
         return 1
 
+    # Only what was created: moto lists resources it accepted without creating them
+    # (alarms, bucket policies) with neither a logical nor a physical id.
     resources = [
         {
             "logical": r["LogicalResourceId"],
             "type": r["ResourceType"],
-            "physical": r.get("PhysicalResourceId", ""),
+            "physical": r["PhysicalResourceId"],
         }
         for r in cfn.describe_stack_resources(StackName=args.stack)["StackResources"]
+        if r.get("LogicalResourceId") and r.get("PhysicalResourceId")
     ]
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
     json.dump(

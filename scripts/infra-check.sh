@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Checks every deployment file, in seconds, with the tools of the real thing:
+#   1. `sluice-infra check`: the generated files match the functions' sluice.toml (no drift);
+#   2. cfn-lint (PyPI, pinned in scripts/moto.sh) on every template under infra/aws/;
+#   3. each template deployed into a moto server of its own (CloudFormation emulation), the
+#      function templates in full (Lambda, mapping, role included, with a placeholder zip:
+#      moto stores the function but never runs it);
+#   4. scripts/k8s-check.sh, when it exists (its last line: `k8s: K manifests valid`).
+# The last line is the summary: `infra: N templates linted, M resources deployed, K manifests valid`.
+# M counts the resources moto reports as created (with a physical id); what moto accepts
+# without creating (alarms, bucket policy, lifecycle) is listed in docs/deploy.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${SLUICE_VENV:-$HOME/.cache/sluice/venv}
+scripts/moto.sh install
+
+# 1. Drift. Built here so the recipe works on its own; cheap when already built.
+cargo build --quiet -p sluice-infra
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+"$target_dir/debug/sluice-infra" check >&2
+
+# 2. Lint: one cfn-lint process for all templates (its start-up is most of the cost).
+templates=(infra/aws/*.json infra/aws/*.yaml)
+"$VENV/bin/cfn-lint" -- "${templates[@]}" >&2
+linted=${#templates[@]}
+
+# 3. Deploy into a moto of our own, never one a developer or `just test` is using, and never
+#    real AWS: every AWS variable points at it.
+work=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
+moto_pid=$!
+trap 'kill $moto_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_REGION=us-east-1 \
+    AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+unset AWS_PROFILE AWS_ENDPOINT_URL_SQS AWS_ENDPOINT_URL_S3 AWS_ENDPOINT_URL_CLOUDFORMATION
+for ((i = 0; i < 300; i++)); do
+    if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/', timeout=1)" 2>/dev/null; then
+        break
+    fi
+    kill -0 $moto_pid 2>/dev/null || { cat "$work/moto.log" >&2; exit 1; }
+    sleep 0.1
+done
+
+# The function templates want a code zip in S3; moto checks that the object exists, not what
+# it holds, so a placeholder keeps this independent of `just package`.
+"$VENV/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1], "w").writestr("bootstrap", "placeholder")' "$work/bootstrap.zip"
+
+deployed=0
+for t in "${templates[@]}"; do
+    stack=infra-check-$(basename "${t%.*}")
+    args=(--stack "$stack" --template "$t")
+    if [[ $t == *.json ]]; then
+        args+=(--code-zip "$work/bootstrap.zip")
+    fi
+    "$VENV/bin/python" scripts/cfn-deploy.py "${args[@]}" >"$work/$stack.json"
+    n=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["resources"]))' "$work/$stack.json")
+    echo "infra: $t -> $n resources on moto" >&2
+    deployed=$((deployed + n))
+done
+
+# 4. Kubernetes manifests, when that check exists.
+manifests=0
+if [ -x scripts/k8s-check.sh ] || [ -f scripts/k8s-check.sh ]; then
+    k8s_out=$(bash scripts/k8s-check.sh)
+    last=$(tail -n 1 <<<"$k8s_out")
+    if [[ $last =~ ^k8s:\ ([0-9]+)\ manifests\ valid ]]; then
+        manifests=${BASH_REMATCH[1]}
+    else
+        echo "infra: scripts/k8s-check.sh ended with \"$last\", expected \"k8s: K manifests valid\"" >&2
+        exit 1
+    fi
+fi
+
+echo "infra: $linted templates linted, $deployed resources deployed, $manifests manifests valid"
