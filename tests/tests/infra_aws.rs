@@ -1,0 +1,285 @@
+//! The generated CloudFormation template (`infra/aws/charge-payment.json`) deployed into moto's
+//! CloudFormation, then used by the real charge-payment binary in container mode: a poison
+//! message lands in the *deployed* DLQ with its history, good ones are charged once with their
+//! records in the deployed bucket. And `sluice-infra check` names a template that drifted from
+//! its function's `sluice.toml`.
+//!
+//! Needs moto (`eval "$(scripts/moto.sh start)"`; the deploy script runs with its venv's boto3)
+//! and the binaries `charge-payment` and `sluice-infra` (`cargo build -p charge-payment -p
+//! sluice-infra`; `just test` builds them). Without moto the test fails: it never touches real
+//! AWS. moto cannot run the Lambda function, so the stack is deployed with
+//! `DeployFunction=false` (queues, bucket, alarms); `scripts/infra-check.sh` deploys the full
+//! template, and docs/deploy.md lists what moto accepts without creating.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sluice::conformance::unique;
+use sluice_tests::{function_binary, ledger_counts, Sandbox};
+
+/// Longest `run --drain` may take for a handful of messages on moto.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The moto venv's python (boto3), where scripts/moto.sh installs it.
+fn venv_python() -> PathBuf {
+    let venv = std::env::var("SLUICE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/sluice/venv")
+        });
+    venv.join("bin/python")
+}
+
+/// Runs the venv's python with `args` from the repository root; panics on failure; stdout.
+fn python(args: &[&str]) -> String {
+    let out = Command::new(venv_python())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run scripts/moto.sh install)",
+                venv_python().display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "python {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `scripts/cfn-deploy.py` on a template: the created resources and the outputs.
+fn deploy(stack: &str, template: &str, params: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "scripts/cfn-deploy.py",
+        "--stack",
+        stack,
+        "--template",
+        template,
+    ];
+    for p in params {
+        args.extend(["--param", *p]);
+    }
+    serde_json::from_str(&python(&args)).unwrap()
+}
+
+/// Messages waiting in a queue, read from SQS itself (not through Sluice).
+fn queue_depth(url: &str) -> u64 {
+    let script = "import boto3, os, sys\n\
+        sqs = boto3.session.Session(region_name=os.environ['AWS_REGION']).client('sqs')\n\
+        a = sqs.get_queue_attributes(QueueUrl=sys.argv[1], AttributeNames=['All'])['Attributes']\n\
+        print(int(a['ApproximateNumberOfMessages']) + int(a['ApproximateNumberOfMessagesNotVisible']))";
+    python(&["-c", script, url]).trim().parse().unwrap()
+}
+
+/// Objects under an `s3://bucket/prefix` URL, read from S3 itself.
+fn object_count(store_url: &str) -> u64 {
+    let script = "import boto3, os, sys\n\
+        bucket, _, prefix = sys.argv[1].removeprefix('s3://').partition('/')\n\
+        s3 = boto3.session.Session(region_name=os.environ['AWS_REGION']).client('s3')\n\
+        print(s3.list_objects_v2(Bucket=bucket, Prefix=prefix + '/').get('KeyCount', 0))";
+    python(&["-c", script, store_url]).trim().parse().unwrap()
+}
+
+#[test]
+fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_dlq() {
+    sluice_tests::moto("SQS");
+    sluice_tests::moto("S3");
+    sluice_tests::moto("CLOUDFORMATION");
+    let name = unique("infra-cp");
+    let stack = deploy(
+        &name,
+        "infra/aws/charge-payment.json",
+        &[
+            &format!("Name={name}"),
+            "DeployFunction=false",
+            "CodeBucket=unused-without-function",
+        ],
+    );
+    let created: Vec<&str> = stack["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["logical"].as_str().unwrap())
+        .collect();
+    for logical in ["Queue", "DeadLetterQueue", "Bucket"] {
+        assert!(created.contains(&logical), "{logical} not created: {stack}");
+    }
+    for logical in ["Function", "EventSourceMapping", "Role"] {
+        assert!(
+            !created.contains(&logical),
+            "{logical} deployed with DeployFunction=false"
+        );
+    }
+    let outputs = &stack["outputs"];
+    let out = |key: &str| {
+        outputs[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("output {key} missing: {outputs}"))
+            .to_owned()
+    };
+    assert_eq!(out("QueueName"), name);
+
+    // The worker's whole AWS configuration comes from the stack's `Environment` output, as
+    // docs/deploy.md tells an operator to use it.
+    let env: BTreeMap<String, String> = out("Environment")
+        .split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_owned(), v.to_owned())
+        })
+        .collect();
+    assert_eq!(env["SLUICE__TRANSPORT__URL"], out("QueueUrl"));
+    assert_eq!(env["SLUICE__STORE__URL"], out("StoreUrl"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(dir.path()).unwrap();
+    let bin = function_binary("charge-payment").unwrap();
+    let cli = |args: &[&str]| {
+        let out = sandbox
+            .command(&bin, args, "cli.log")
+            .unwrap()
+            .envs(&env)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "charge-payment {args:?}: {}; see {}",
+            out.status,
+            dir.path().join("cli.log").display()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    cli(&[
+        "send",
+        "--count",
+        "5",
+        r#"{"payment_id":"pay-{{seq}}","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#,
+    ]);
+    cli(&["send", "this is not a charge request"]);
+    assert_eq!(queue_depth(&out("QueueUrl")), 6);
+
+    // `run --drain` exits once the queue is empty; the deadline only guards against a hang.
+    let mut worker = sandbox
+        .command(&bin, &["run", "--drain"], "worker.log")
+        .unwrap()
+        .envs(&env)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("run --drain still running after {TIMEOUT:?}; see worker.log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "run --drain: {status}; see {}",
+        dir.path().join("worker.log").display()
+    );
+
+    let ledger = ledger_counts(&sandbox.ledger_db()).unwrap();
+    assert_eq!((ledger.charges, ledger.distinct_payments), (5, 5));
+    // One idempotency record per charge, in the deployed bucket under the deployed prefix.
+    assert_eq!(object_count(&out("StoreUrl")), 5);
+
+    // The poison message is in the stack's DLQ (read from SQS directly), with its history
+    // (read through the function, which found the DLQ through the deployed RedrivePolicy).
+    assert_eq!(queue_depth(&out("DeadLetterQueueUrl")), 1);
+    assert_eq!(queue_depth(&out("QueueUrl")), 0);
+    let dead: serde_json::Value = serde_json::from_str(&cli(&["dlq", "list", "--json"])).unwrap();
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["error_class"], "permanent", "{}", dead[0]);
+    assert_eq!(dead[0]["attempts"], 1, "{}", dead[0]);
+    assert_eq!(dead[0]["function"], "charge-payment", "{}", dead[0]);
+    assert_eq!(dead[0]["original_queue"], name.as_str(), "{}", dead[0]);
+    assert_eq!(
+        dead[0]["body"], "this is not a charge request",
+        "{}",
+        dead[0]
+    );
+}
+
+/// Copies a directory tree (the deploy files and the functions' settings, a few KB).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sluice_infra_check_names_the_template_that_drifted_from_a_changed_sluice_toml() {
+    let bin = function_binary("sluice-infra").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    copy_tree(&repo().join("infra"), &root.path().join("infra"));
+    for f in ["charge-payment", "deliver-webhook"] {
+        let dir = root.path().join("functions").join(f);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            repo().join("functions").join(f).join("sluice.toml"),
+            dir.join("sluice.toml"),
+        )
+        .unwrap();
+    }
+    let check = || {
+        Command::new(&bin)
+            .arg("--root")
+            .arg(root.path())
+            .arg("check")
+            .output()
+            .unwrap()
+    };
+    let clean = check();
+    assert!(
+        clean.status.success(),
+        "the committed files drifted: {}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+
+    let toml_path = root.path().join("functions/charge-payment/sluice.toml");
+    let toml = std::fs::read_to_string(&toml_path).unwrap();
+    assert!(toml.contains("max_deliveries = 10"), "the fixture moved");
+    std::fs::write(
+        &toml_path,
+        toml.replace("max_deliveries = 10", "max_deliveries = 4"),
+    )
+    .unwrap();
+
+    let drifted = check();
+    let stderr = String::from_utf8_lossy(&drifted.stderr);
+    assert_eq!(drifted.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("drifted: infra/aws/charge-payment.json"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("deliver-webhook"), "{stderr}");
+}
