@@ -20,22 +20,23 @@ cargo build --quiet -p sluice-infra
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 "$target_dir/debug/sluice-infra" check >&2
 
-# 2. Lint: one cfn-lint process for all templates (its start-up is most of the cost).
-templates=(infra/aws/*.json infra/aws/*.yaml)
-"$VENV/bin/cfn-lint" -- "${templates[@]}" >&2
-linted=${#templates[@]}
-
-# 3. Deploy into a moto of our own, never one a developer or `just test` is using, and never
+# 3. Deploy into a moto of our own (started first, it boots while cfn-lint runs), never one a developer or `just test` is using, and never
 #    real AWS: every AWS variable points at it.
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
 moto_pid=$!
 trap 'kill $moto_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+# 2. Lint while moto starts: one cfn-lint process for all templates (its start-up is most of
+#    the cost).
+templates=(infra/aws/*.json infra/aws/*.yaml)
+"$VENV/bin/cfn-lint" -- "${templates[@]}" >&2
+linted=${#templates[@]}
+
 export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 unset AWS_PROFILE AWS_ENDPOINT_URL_SQS AWS_ENDPOINT_URL_S3 AWS_ENDPOINT_URL_CLOUDFORMATION
-for ((i = 0; i < 300; i++)); do
+for ((i = 0; i < 600; i++)); do
     if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/', timeout=1)" 2>/dev/null; then
         break
     fi
