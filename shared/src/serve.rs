@@ -168,7 +168,10 @@ impl Health {
         if self.stopped.load(Relaxed) || intake.shutdown.is_cancelled() {
             return (true, "stopping".into());
         }
-        let idle = Duration::from_millis(self.now_ms() - self.last_tick_ms.load(Relaxed));
+        let idle = Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_tick_ms.load(Relaxed)),
+        );
         let busy = intake
             .source
             .upgrade()
