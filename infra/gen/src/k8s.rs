@@ -11,6 +11,8 @@
 //! function's settings; the rest (image, replica bounds, resources) from its
 //! `[deploy.kubernetes]` table ([`K8sDeploy`]). docs/deploy-kubernetes.md walks through using them.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -52,6 +54,9 @@ pub struct K8sDeploy {
     pub aws_region: String,
     /// The SQS variant's `transport.url`: a queue URL or name; default `queue`.
     pub sqs_queue_url: Option<String>,
+    /// More environment variables from the function's Secret: variable name -> Secret key,
+    /// e.g. `SLUICE__APP__SECRET = "app-secret"` for a key that must not sit in sluice.toml.
+    pub secret_env: BTreeMap<String, String>,
 }
 
 impl Default for K8sDeploy {
@@ -66,6 +71,7 @@ impl Default for K8sDeploy {
             store: None,
             aws_region: "us-east-1".into(),
             sqs_queue_url: None,
+            secret_env: BTreeMap::new(),
         }
     }
 }
@@ -121,8 +127,8 @@ impl Variant {
     }
 }
 
-/// The Secret every variant reads: `transport-url` (the AMQP URL; the SQS variant needs none)
-/// and `store-url` when `deploy.kubernetes.store` is set.
+/// The Secret every variant reads: `transport-url` (the AMQP URL; the SQS variant needs none),
+/// `store-url` when `deploy.kubernetes.store` is set, and the keys of `secret_env`.
 fn secret_name(f: &Function) -> String {
     format!("{}-sluice", f.name)
 }
@@ -165,6 +171,9 @@ fn deployment(f: &Function, d: &K8sDeploy, variant: Variant) -> Value {
     if let Some(store) = &d.store {
         env.push(json!({ "name": "SLUICE__STORE__KIND", "value": store }));
         env.push(secret_env("SLUICE__STORE__URL", &secret, "store-url"));
+    }
+    for (name, key) in &d.secret_env {
+        env.push(secret_env(name, &secret, key));
     }
     env.push(json!({
         "name": "SLUICE__TELEMETRY__LISTEN",
@@ -439,7 +448,8 @@ mod tests {
     fn the_scaler_watches_the_queue_from_settings_and_deploy_knobs_apply() {
         let f = function(
             "queue = \"payments-in\"\n[worker]\nconcurrency = 3\n\
-             [deploy.kubernetes]\nmax_replicas = 7\nimage = \"reg.example/fn-a:1\"\n",
+             [deploy.kubernetes]\nmax_replicas = 7\nimage = \"reg.example/fn-a:1\"\n\
+             [deploy.kubernetes.secret_env]\nSLUICE__APP__TOKEN = \"app-token\"\n",
         );
         let outs = render(&[f]).unwrap();
         let so = find(&outs, "rabbitmq/scaledobject.yaml");
@@ -453,6 +463,12 @@ mod tests {
         assert!(dep.contains("image: \"reg.example/fn-a:1\"\n"), "{dep}");
         assert!(dep.contains("path: \"/readyz\""), "{dep}");
         assert!(dep.contains("path: \"/healthz\""), "{dep}");
+        assert!(
+            dep.contains(
+                "- name: \"SLUICE__APP__TOKEN\"\n          valueFrom:\n            secretKeyRef:\n              key: \"app-token\"\n              name: \"fn-a-sluice\"\n"
+            ),
+            "{dep}"
+        );
         assert_eq!(outs.len(), 8);
     }
 
