@@ -323,6 +323,47 @@ async fn imported_definitions_serve_a_worker_that_declares_nothing() {
     );
 }
 
+/// `transport.declare` reaches a function binary: with `--set transport.declare=false` a
+/// command on an empty virtual host creates nothing and says to run `provision`; without it
+/// the same command declares the whole topology.
+#[tokio::test]
+async fn the_declare_setting_reaches_the_binary() {
+    let vhost = Vhost::create("defs-declare").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(dir.path()).unwrap();
+    let bin = function_binary("charge-payment").unwrap();
+    let stats = |sets: &[&str]| {
+        Command::new(&bin)
+            .args(sets)
+            .arg("stats")
+            .current_dir(dir.path())
+            .env("SLUICE__TRANSPORT__KIND", "rabbitmq")
+            .env("SLUICE__TRANSPORT__URL", &vhost.url)
+            .env("SLUICE__STORE__URL", sandbox.store_db())
+            .output()
+            .unwrap()
+    };
+    let off = stats(&["--set", "transport.declare=false"]);
+    let stderr = String::from_utf8_lossy(&off.stderr);
+    assert!(!off.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("charge-payment") && stderr.contains("provision"),
+        "{stderr}"
+    );
+    assert_eq!(
+        queue_names(&vhost.name),
+        BTreeSet::new(),
+        "nothing declared"
+    );
+    let on = stats(&[]);
+    assert!(
+        on.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+    assert_eq!(queue_names(&vhost.name).len(), 14, "declared at start");
+}
+
 /// What the policies are for: on queues that exist with their arguments, an operator lowers a
 /// function's crash-loop limit by editing its policy (for `delivery-limit` RabbitMQ takes the
 /// smaller of policy and argument). With the work queue declared with `x-delivery-limit` 9 and
