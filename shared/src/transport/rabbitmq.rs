@@ -65,8 +65,9 @@
 //!
 //! A handle starts one consumer on its first `receive`, with a prefetch of
 //! [`RabbitConfig::prefetch`] (the setting `transport.prefetch`, by default 2 x
-//! `worker.concurrency` as DESIGN says); a handle that only publishes never takes messages. Deliveries wait in a local buffer; `receive(max, wait)` hands out up to
-//! `max` of them, waiting up to `wait` for the first. The receipt is
+//! `worker.concurrency` as DESIGN says); a handle that only publishes never takes messages.
+//! Deliveries wait in a local buffer; `receive(max, wait)` hands out up to `max` of them,
+//! waiting up to `wait` for the first. The receipt is
 //! `<handle>:<connection generation>:<channel id>:<delivery tag>`, and settling goes through
 //! lapin's `Acker` of the channel the message came on: a delivery tag of a dead channel or of an
 //! older connection can never be acked on a new one; settling it returns `LeaseLost` (the broker
@@ -149,12 +150,12 @@
 //! All channels of a handle share one connection. When it is lost, the next operation reconnects
 //! with backoff ([`ReconnectSchedule`]: 100 ms doubling to 5 s, equal jitter, for up to 15 s,
 //! each attempt logged with its wait; then the error is returned and the caller's own retry
-//! takes over), declares the topology again, and starts a fresh consumer: a new generation. Unacked deliveries of the dead connection are redelivered
-//! by the broker; settling them here returns `LeaseLost`. A lost channel (e.g. killed by
-//! `consumer_timeout`) is replaced the same way. The URL's password is never printed. A login
-//! the broker refuses, an unknown virtual host, or a TLS handshake that fails on `amqps://`
-//! (lapin's rustls: a plain port, a certificate rustls rejects) is a configuration error at
-//! once (no retry).
+//! takes over), declares the topology again, and starts a fresh consumer: a new generation.
+//! Unacked deliveries of the dead connection are redelivered by the broker; settling them here
+//! returns `LeaseLost`. A lost channel (e.g. killed by `consumer_timeout`) is replaced the same
+//! way. The URL's password is never printed. A login the broker refuses, an unknown virtual
+//! host, or a TLS handshake that fails on `amqps://` (lapin's rustls: a plain port, a
+//! certificate rustls rejects) is a configuration error at once (no retry).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -297,7 +298,7 @@ impl RabbitConfig {
     /// The [`RabbitConfig::max_hold`] for a broker whose `consumer_timeout` is `timeout`: a
     /// tenth of it earlier, but never more than a minute earlier (29 min for the default
     /// 30 min), so that the requeue is sent, and reaches the broker, before the broker's own
-    /// check (which runs about once a minute in RabbitMQ 3.10) can close the channel.
+    /// periodic check can close the channel.
     pub fn hold_within(timeout: Duration) -> Duration {
         timeout.saturating_sub((timeout / 10).min(Duration::from_secs(60)))
     }
@@ -422,8 +423,9 @@ impl ArgValue {
     }
 }
 
-/// The queue arguments a policy may carry for quorum queues (RabbitMQ 3.10). The ones Sluice
-/// sets are all here; `x-message-ttl` is left to each delay step's own argument.
+/// The queue arguments the policies repeat (each is a policy key for quorum queues in RabbitMQ
+/// 3.10, without the `x-`). `x-queue-type` cannot come from a policy, and `x-message-ttl`
+/// differs from one delay step to the next, so those stay queue arguments only.
 const POLICY_KEYS: [&str; 5] = [
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
