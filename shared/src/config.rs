@@ -101,19 +101,23 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
-/// Masks the password of a `scheme://user:password@host/...` URL, for logs and errors.
+/// Masks the password of a `scheme://user:password@host/...` URL, for logs and errors. The
+/// user information ends at the last `@`, so that a password with a raw `/` or `@` (or a URL
+/// missing its `://`) is masked too; an `@` further on (rare) only masks more than needed.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return url.to_owned();
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{user}:***@{host}"),
     }
 }
 
@@ -781,6 +785,15 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact_url("/tmp/queue.db"), "/tmp/queue.db");
+        for (url, shown) in [
+            ("redis://:pw1@h:6379/0", "redis://:***@h:6379/0"),
+            ("amqp://u@h/%2f", "amqp://u@h/%2f"),
+            ("amqp://u:pa/ss@h/%2f", "amqp://u:***@h/%2f"),
+            ("amqp://u:p@ss@h/%2f", "amqp://u:***@h/%2f"),
+            ("amqps//u:pw2@h", "amqps//u:***@h"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
     }
 
     #[test]

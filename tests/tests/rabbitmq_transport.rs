@@ -457,3 +457,25 @@ async fn an_amqps_url_to_a_plain_port_fails_clearly_without_the_password() {
         "{text}"
     );
 }
+
+/// A URL that cannot work fails at once as a configuration error naming the key, with the
+/// password masked even when the URL is malformed (no reconnect attempts: they would all fail
+/// the same way).
+#[tokio::test]
+async fn a_malformed_url_fails_at_once_without_the_password() {
+    for bad in [
+        "amqp://guest:hunter2-secret@127.0.0.1:notaport/%2f",
+        "amqps//guest:hunter2-secret@127.0.0.1:5672/%2f",
+    ] {
+        let mut opts = suite::options(suite::LONG_LEASE, 5);
+        opts.url = bad.into();
+        let err = match RabbitTransport::open_with(opts, config()).await {
+            Ok(_) => panic!("{bad} cannot connect"),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{text}");
+        assert!(text.contains("transport.url"), "{text}");
+        assert!(!text.contains("hunter2-secret"), "{text}");
+    }
+}

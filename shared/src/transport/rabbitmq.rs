@@ -622,6 +622,13 @@ impl RabbitTransport {
                 redact_url(&opts.url)
             )));
         }
+        // A URL that cannot parse would fail every reconnect attempt the same way.
+        if let Err(e) = opts.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(Error::Config(format!(
+                "key `transport.url`: {} is not a valid AMQP URL: {e}",
+                redact_url(&opts.url)
+            )));
+        }
         if config.prefetch == 0 {
             return Err(Error::Config(
                 "key `transport.prefetch`: the RabbitMQ prefetch must be at least 1 (0 means \
