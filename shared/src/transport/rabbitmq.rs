@@ -681,6 +681,14 @@ async fn keep_leases(inner: Weak<Inner>, tick: Duration) {
             receipts.iter().filter_map(|r| leases.remove(r)).collect()
         };
         let max_hold = inner.config.max_hold;
+        // Deliveries still inside lapin's consumer count for the broker too: take them into
+        // the buffer, so that their wait is measured from about now (within one tick). A
+        // `receive` holding the intake does the same itself.
+        if let Ok(mut intake) = inner.intake.try_lock() {
+            if let Some(i) = intake.as_mut() {
+                inner.drain_ready(i);
+            }
+        }
         let stale: Vec<Pending> = {
             let mut pending = inner.pending.lock().expect("pending buffer");
             // Oldest first: the buffer is in arrival order.
