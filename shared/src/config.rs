@@ -80,6 +80,9 @@ impl std::fmt::Debug for TransportSettings {
             .field("lease", &self.lease)
             .field("wait", &self.wait)
             .field("poll_interval", &self.poll_interval)
+            .field("prefetch", &self.prefetch)
+            .field("declare", &self.declare)
+            .field("consumer_timeout", &self.consumer_timeout)
             .finish()
     }
 }
@@ -98,19 +101,23 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
-/// Masks the password of a `scheme://user:password@host/...` URL, for logs and errors.
+/// Masks the password of a `scheme://user:password@host/...` URL, for logs and errors. The
+/// user information ends at the last `@`, so that a password with a raw `/` or `@` (or a URL
+/// missing its `://`) is masked too; an `@` further on (rare) only masks more than needed.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        return url.to_owned();
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{user}:***@{host}"),
     }
 }
 
@@ -154,6 +161,17 @@ pub struct TransportSettings {
     /// Embedded: how often an idle receive polls the file (other processes may publish).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// RabbitMQ: messages the broker may push ahead of the handlers (unacked, per process);
+    /// 0 (the default) means 2 x `worker.concurrency`. See [`Settings::prefetch`].
+    pub prefetch: u16,
+    /// Create the broker topology when the worker starts (and on every reconnect). Off: it is
+    /// only checked, for brokers provisioned by `provision` or `infra/`. RabbitMQ only; the
+    /// other transports ignore it (docs/configuration.md says what each does at start).
+    pub declare: bool,
+    /// RabbitMQ: the broker's `consumer_timeout` (30 min by default). A delivery is requeued
+    /// before it has been held this long, so that the broker never closes the channel.
+    #[serde(with = "humantime_serde")]
+    pub consumer_timeout: Duration,
 }
 
 impl Default for TransportSettings {
@@ -164,6 +182,9 @@ impl Default for TransportSettings {
             lease: Duration::from_secs(30),
             wait: Duration::from_secs(1),
             poll_interval: Duration::from_millis(50),
+            prefetch: 0,
+            declare: true,
+            consumer_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -513,6 +534,12 @@ impl Settings {
         if self.transport.lease < Duration::from_millis(100) {
             return bad("transport.lease", "must be at least 100ms");
         }
+        if self.transport.consumer_timeout < Duration::from_secs(1) {
+            return bad(
+                "transport.consumer_timeout",
+                "must be at least 1s (RabbitMQ's own minimum is 1s too)",
+            );
+        }
         for (key, rate) in [
             ("fault.failure_rate", self.fault.failure_rate),
             ("fault.panic_rate", self.fault.panic_rate),
@@ -533,6 +560,16 @@ impl Settings {
             return bad("transport.url", "must not be empty");
         }
         Ok(())
+    }
+
+    /// The RabbitMQ prefetch in effect: `transport.prefetch`, or 2 x `worker.concurrency` when
+    /// it is 0, so that a slot finishing finds the next message already here (at most 65535,
+    /// AMQP's limit).
+    pub fn prefetch(&self) -> u16 {
+        if self.transport.prefetch > 0 {
+            return self.transport.prefetch;
+        }
+        u16::try_from(self.worker.concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
     }
 
     /// Deserializes the function's `[app]` section, naming the key on error.
@@ -678,6 +715,66 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_defaults_to_twice_the_concurrency_and_declare_to_on() {
+        let s = load("[worker]\nconcurrency = 5\n", &[], &[]).unwrap();
+        assert_eq!((s.transport.prefetch, s.prefetch()), (0, 10));
+        assert!(s.transport.declare);
+        assert_eq!(s.transport.consumer_timeout, Duration::from_secs(1800));
+        let s = load(
+            "[transport]\nprefetch = 300\n",
+            &[("SLUICE__TRANSPORT__DECLARE", "false")],
+            &["transport.consumer_timeout=5m"],
+        )
+        .unwrap();
+        assert_eq!(s.prefetch(), 300);
+        assert!(!s.transport.declare);
+        assert_eq!(s.transport.consumer_timeout, Duration::from_secs(300));
+        // AMQP's prefetch is 16 bits: a huge concurrency is capped, not wrapped.
+        let s = load("", &[], &["worker.concurrency=40000"]).unwrap();
+        assert_eq!(s.prefetch(), u16::MAX);
+    }
+
+    #[test]
+    fn bad_transport_values_fail_naming_the_key() {
+        for (env, flag, key) in [
+            (
+                Some(("SLUICE__TRANSPORT__PREFETCH", "lots")),
+                None,
+                "transport.prefetch",
+            ),
+            (None, Some("transport.prefetch=70000"), "transport.prefetch"),
+            (None, Some("transport.prefetch=-1"), "transport.prefetch"),
+            (
+                Some(("SLUICE__TRANSPORT__DECLARE", "maybe")),
+                None,
+                "transport.declare",
+            ),
+            (
+                None,
+                Some("transport.consumer_timeout=30"),
+                "transport.consumer_timeout",
+            ),
+            (
+                None,
+                Some("transport.consumer_timeout=10ms"),
+                "transport.consumer_timeout",
+            ),
+        ] {
+            let env: Vec<(&str, &str)> = env.into_iter().collect();
+            let flags: Vec<&str> = flag.into_iter().collect();
+            let err = load("", &env, &flags).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("`{key}`")),
+                "{env:?} {flags:?}: {err}"
+            );
+        }
+        let err = load("[transport]\ndeclare = \"nope\"\n", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("transport.declare"), "{err}");
+    }
+
+    #[test]
     fn env_values_become_numbers_only_where_the_type_wants_one() {
         #[derive(Deserialize)]
         struct App {
@@ -718,6 +815,15 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact_url("/tmp/queue.db"), "/tmp/queue.db");
+        for (url, shown) in [
+            ("redis://:pw1@h:6379/0", "redis://:***@h:6379/0"),
+            ("amqp://u@h/%2f", "amqp://u@h/%2f"),
+            ("amqp://u:pa/ss@h/%2f", "amqp://u:***@h/%2f"),
+            ("amqp://u:p@ss@h/%2f", "amqp://u:***@h/%2f"),
+            ("amqps//u:pw2@h", "amqps//u:***@h"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
     }
 
     #[test]

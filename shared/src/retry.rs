@@ -1,4 +1,5 @@
-//! The retry policy: the only file that knows about the `backoff` crate.
+//! The retry policy and the reconnect schedule: the only file that knows about the `backoff`
+//! crate.
 //!
 //! `backoff` 0.4 carries an "unmaintained" advisory; it is kept behind [`RetryPolicy`] so it can
 //! be swapped here without touching the pipeline. We use it for the exponential envelope
@@ -6,7 +7,7 @@
 //! which spreads retries of a burst best (AWS Architecture Blog, "Exponential Backoff And
 //! Jitter"). `backoff`'s own randomization is +/- a factor, not full jitter.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backoff::{backoff::Backoff, ExponentialBackoff};
 use rand::Rng;
@@ -75,6 +76,54 @@ impl RetryPolicy {
     }
 }
 
+/// The waits between attempts to reach a broker again after a lost connection: `first`
+/// doubling up to `cap`, with *equal* jitter (uniform over the upper half of the envelope, so
+/// that a reconnect never spins), for as long as the attempts fit in `budget`. After that the
+/// schedule ends and the caller returns the error, so that its own retry policy takes over.
+#[derive(Debug)]
+pub struct ReconnectSchedule {
+    envelope: ExponentialBackoff,
+    started: Instant,
+    budget: Duration,
+    attempts: u32,
+}
+
+impl ReconnectSchedule {
+    /// A schedule starting now.
+    pub fn new(first: Duration, cap: Duration, budget: Duration) -> Self {
+        Self {
+            envelope: ExponentialBackoff {
+                current_interval: first,
+                initial_interval: first,
+                randomization_factor: 0.0,
+                multiplier: 2.0,
+                max_interval: cap,
+                max_elapsed_time: None,
+                ..ExponentialBackoff::default()
+            },
+            started: Instant::now(),
+            budget,
+            attempts: 0,
+        }
+    }
+
+    /// The wait before the next attempt, or `None` once waiting would go past the budget.
+    pub fn next_wait(&mut self) -> Option<Duration> {
+        let envelope = self.envelope.next_backoff()?;
+        let wait = equal_jitter(envelope);
+        if self.started.elapsed() + wait > self.budget {
+            return None;
+        }
+        self.attempts += 1;
+        Some(wait)
+    }
+
+    /// Waits handed out so far (the number of the attempt that follows the last one).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+}
+
 /// `base * factor^(n-1)` capped, computed by `backoff` without its randomization.
 fn envelope(base: Duration, factor: f64, cap: Duration, n: u32) -> Duration {
     let mut b = ExponentialBackoff {
@@ -91,6 +140,11 @@ fn envelope(base: Duration, factor: f64, cap: Duration, n: u32) -> Duration {
         d = b.next_backoff().unwrap_or(cap);
     }
     d.min(cap)
+}
+
+fn equal_jitter(envelope: Duration) -> Duration {
+    let half = envelope.as_millis() as u64 / 2;
+    Duration::from_millis(half + rand::thread_rng().gen_range(0..=half))
 }
 
 fn full_jitter(envelope: Duration) -> Duration {
@@ -125,6 +179,30 @@ mod tests {
             .count();
         // Uniform over [0, 4s]: about half fall below 2 s; 200 draws make 40..160 near-certain.
         assert!((40..=160).contains(&below_half), "{below_half}");
+    }
+
+    #[test]
+    fn reconnect_waits_double_within_their_envelope_and_stop_at_the_budget() {
+        let mut s = ReconnectSchedule::new(
+            Duration::from_millis(100),
+            Duration::from_millis(400),
+            Duration::from_secs(3600),
+        );
+        for envelope in [100, 200, 400, 400, 400] {
+            let wait = s.next_wait().unwrap().as_millis() as u64;
+            assert!(
+                (envelope / 2..=envelope).contains(&wait),
+                "{wait} of {envelope}"
+            );
+        }
+        assert_eq!(s.attempts(), 5);
+        // A budget smaller than the first wait ends the schedule at once.
+        let mut s = ReconnectSchedule::new(
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+            Duration::from_millis(500),
+        );
+        assert_eq!(s.next_wait(), None);
     }
 
     #[test]

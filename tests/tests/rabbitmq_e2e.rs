@@ -15,7 +15,11 @@ use std::{
 };
 
 use sluice::conformance::{poll_until, unique};
-use sluice_tests::{function_binary, ledger_counts, rabbit::Vhost, LedgerCounts, Sandbox};
+use sluice_tests::{
+    function_binary, ledger_counts,
+    rabbit::{rabbitmqctl, Vhost},
+    LedgerCounts, Sandbox,
+};
 
 /// Longest a worker may take to finish what is left (well above what it needs: a few seconds).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -400,4 +404,40 @@ async fn poison_message_reaches_the_dlq_with_history_and_redrive_brings_it_back_
     let s = rig.stats();
     assert_eq!(ready_in_flight_delayed(&s), 0, "{s}");
     assert_eq!(s["dead_lettered"], 0, "{s}");
+}
+
+/// `transport.prefetch` reaches the broker: by default the worker's consumer takes
+/// 2 x `worker.concurrency`, and an explicit value wins; read back from the broker with
+/// `rabbitmqctl list_consumers`.
+#[tokio::test]
+async fn the_prefetch_setting_reaches_the_brokers_consumer() {
+    let rig = Rig::new("e2e-prefetch", &[]);
+    for (sets, expected) in [
+        (["--set", "worker.concurrency=3"], 6),
+        (["--set", "transport.prefetch=7"], 7),
+    ] {
+        let log = format!("worker-{expected}.log");
+        let mut worker = rig.worker(&sets, &log);
+        let seen = poll_until(BROKER_TIMEOUT, "the worker's consumer", || async {
+            let listing = rabbitmqctl(&[
+                "list_consumers",
+                "-p",
+                &rig.vhost.name,
+                "-q",
+                "--no-table-headers",
+                "queue_name",
+                "prefetch_count",
+            ])
+            .unwrap();
+            listing
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .find(|(queue, _)| queue.trim() == rig.queue)
+                .map(|(_, prefetch)| prefetch.trim().parse::<u64>().unwrap())
+        })
+        .await;
+        sigterm(&worker);
+        wait_exit(&mut worker, DRAIN_TIMEOUT, &rig.path(&log)).await;
+        assert_eq!(seen, expected, "{sets:?}");
+    }
 }

@@ -326,3 +326,159 @@ async fn a_lost_connection_is_replaced_and_its_deliveries_cannot_be_settled() {
     drop(t);
     made.cleanup().await;
 }
+
+/// RabbitMQ closes a channel that holds a delivery longer than its `consumer_timeout`, killing
+/// every delivery on it. The adapter requeues a delivery before its hold ends (here 1 s
+/// instead of 29 min): `extend` cannot keep it past that, the stale receipt cannot be settled,
+/// the message comes back as the next attempt, and the channel lives on (the redelivery is
+/// acked on it and nothing is left).
+#[tokio::test]
+async fn a_delivery_is_requeued_before_the_brokers_consumer_timeout() {
+    let made = Made::default();
+    let mut opts = suite::options(suite::LONG_LEASE, 5);
+    opts.url = url();
+    made.0.lock().unwrap().push(opts.clone());
+    let hold = Duration::from_secs(1);
+    let t = RabbitTransport::open_with(
+        opts,
+        RabbitConfig {
+            max_hold: hold,
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    let id = t
+        .publish(vec![OutgoingMessage::new("{}")])
+        .await
+        .unwrap()
+        .remove(0);
+    let first = receive_one(&t).await;
+    assert_eq!((first.id.as_str(), first.attempt), (id.as_str(), 1));
+    // The lease (LONG_LEASE) is far longer than the hold: only the hold can end it.
+    t.extend(&first, suite::LONG_LEASE)
+        .await
+        .expect("extend within the hold");
+    poll_until(
+        suite::REDELIVERY_TIMEOUT,
+        "extend to fail at the hold",
+        || {
+            let t = &t;
+            let first = &first;
+            async move {
+                match t.extend(first, suite::LONG_LEASE).await {
+                    Err(Error::LeaseLost(_)) => Some(()),
+                    Ok(()) => None,
+                    Err(e) => panic!("extend: {e}"),
+                }
+            }
+        },
+    )
+    .await;
+    let again = receive_one(&t).await;
+    assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
+    assert!(matches!(t.ack(&first).await, Err(Error::LeaseLost(_))));
+    t.ack(&again).await.expect("the channel is still open");
+    let s = t.stats().await.unwrap();
+    assert_eq!((s.ready, s.in_flight, s.dead_lettered), (0, 0, 0), "{s:?}");
+    drop(t);
+    made.cleanup().await;
+}
+
+/// The broker's `consumer_timeout` also counts prefetched deliveries that no slot has taken
+/// yet: those that waited in the buffer for the whole hold are requeued too, so a worker
+/// whose slots are all busy never has its channel closed under it.
+#[tokio::test]
+async fn prefetched_deliveries_are_requeued_before_the_brokers_consumer_timeout() {
+    let made = Made::default();
+    // A short lease makes the lease keeper tick every 100 ms; max_deliveries leaves room for
+    // a few requeues before the crash-loop guard.
+    let mut opts = suite::options(Duration::from_millis(800), 10);
+    opts.url = url();
+    made.0.lock().unwrap().push(opts.clone());
+    let hold = Duration::from_millis(500);
+    let t = RabbitTransport::open_with(
+        opts,
+        RabbitConfig {
+            max_hold: hold,
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    t.publish((0..3).map(|_| OutgoingMessage::new("{}")).collect())
+        .await
+        .unwrap();
+    // Starts the consumer; the other two arrive behind this one and wait in the buffer.
+    let first = receive_one(&t).await;
+    t.ack(&first).await.unwrap();
+    // Nothing can be polled here without taking the buffered deliveries, which is what the
+    // test must not do: wait out the hold (and the keeper's ticks) instead. Requeued ones come
+    // straight back to this consumer's buffer, so they may be requeued more than once.
+    tokio::time::sleep(hold * 3).await;
+    let mut rest = Vec::new();
+    while rest.len() < 2 {
+        rest.extend(t.receive(2, Duration::from_secs(5)).await.unwrap());
+    }
+    assert!(
+        rest.iter().all(|d| (2..10).contains(&d.attempt)),
+        "requeued while buffered, and not dead-lettered: {:?}",
+        rest.iter().map(|d| d.attempt).collect::<Vec<_>>()
+    );
+    for d in &rest {
+        t.ack(d).await.expect("the channel is still open");
+    }
+    let s = t.stats().await.unwrap();
+    assert_eq!((s.ready, s.in_flight, s.dead_lettered), (0, 0, 0), "{s:?}");
+    drop(t);
+    made.cleanup().await;
+}
+
+/// `amqps://` is accepted and spoken with rustls: against the plain AMQP port the TLS handshake
+/// fails at once with a configuration error that names the key and the URL, never the
+/// password.
+#[tokio::test]
+async fn an_amqps_url_to_a_plain_port_fails_clearly_without_the_password() {
+    let mut opts = suite::options(suite::LONG_LEASE, 5);
+    let plain = url();
+    let host = plain
+        .split_once('@')
+        .map(|(_, rest)| rest.to_owned())
+        .unwrap_or_else(|| "127.0.0.1:5672/%2f".into());
+    opts.url = format!("amqps://guest:hunter2-secret@{host}");
+    let err = match RabbitTransport::open_with(opts, config()).await {
+        Ok(_) => panic!("a TLS handshake with a plain AMQP port cannot succeed"),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(!text.contains("hunter2-secret"), "{text}");
+    assert!(matches!(err, Error::Config(_)), "{text}");
+    assert!(
+        text.contains("transport.url")
+            && text.contains("amqps://guest:***@")
+            && text.contains("TLS"),
+        "{text}"
+    );
+}
+
+/// A URL that cannot work fails at once as a configuration error naming the key, with the
+/// password masked even when the URL is malformed (no reconnect attempts: they would all fail
+/// the same way).
+#[tokio::test]
+async fn a_malformed_url_fails_at_once_without_the_password() {
+    for bad in [
+        "amqp://guest:hunter2-secret@127.0.0.1:notaport/%2f",
+        "amqps//guest:hunter2-secret@127.0.0.1:5672/%2f",
+    ] {
+        let mut opts = suite::options(suite::LONG_LEASE, 5);
+        opts.url = bad.into();
+        let err = match RabbitTransport::open_with(opts, config()).await {
+            Ok(_) => panic!("{bad} cannot connect"),
+            Err(e) => e,
+        };
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{text}");
+        assert!(text.contains("transport.url"), "{text}");
+        assert!(!text.contains("hunter2-secret"), "{text}");
+    }
+}

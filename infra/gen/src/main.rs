@@ -9,6 +9,7 @@
 
 mod aws;
 mod k8s;
+mod rabbitmq;
 
 use std::{
     path::{Path, PathBuf},
@@ -72,6 +73,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
     let functions = load_functions(&cli.root)?;
     let mut outputs = aws::render(&functions)?;
     outputs.extend(k8s::render(&functions)?);
+    outputs.extend(rabbitmq::render(&functions)?);
     match cli.command {
         Command::Generate => {
             for out in &outputs {

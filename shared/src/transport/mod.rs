@@ -121,9 +121,19 @@ impl AnyTransport {
                 embedded::EmbeddedTransport::open(opts).await?,
             )),
             #[cfg(feature = "rabbitmq")]
-            TransportKind::Rabbitmq => Ok(AnyTransport::Rabbitmq(
-                rabbitmq::RabbitTransport::open(opts).await?,
-            )),
+            TransportKind::Rabbitmq => {
+                let config = rabbitmq::RabbitConfig {
+                    prefetch: settings.prefetch(),
+                    declare: settings.transport.declare,
+                    max_hold: rabbitmq::RabbitConfig::hold_within(
+                        settings.transport.consumer_timeout,
+                    ),
+                    ..rabbitmq::RabbitConfig::default()
+                };
+                Ok(AnyTransport::Rabbitmq(
+                    rabbitmq::RabbitTransport::open_with(opts, config).await?,
+                ))
+            }
             #[cfg(feature = "sqs")]
             TransportKind::Sqs => Ok(AnyTransport::Sqs(sqs::SqsTransport::open(opts).await?)),
             #[allow(unreachable_patterns)]

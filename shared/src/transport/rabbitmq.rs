@@ -5,8 +5,11 @@
 //! # Topology
 //!
 //! For a work queue `<q>`, declared idempotently when a handle opens (unless
-//! [`RabbitConfig::declare`] is off: then the queues are only checked to exist) and by
-//! `provision`. `infra/rabbitmq/definitions.json` holds the same for the example functions:
+//! [`RabbitConfig::declare`], the setting `transport.declare`, is off: then the queues are
+//! only checked to exist) and by `provision`. [`topology`] describes it as plain data, which
+//! both the declaration here and `sluice-infra` (rendering `infra/rabbitmq/definitions.json`
+//! for every function, with two policies per function that repeat the quorum queues'
+//! dead-letter settings and delivery limit) use:
 //!
 //! | name | kind | arguments | role |
 //! |---|---|---|---|
@@ -25,8 +28,9 @@
 //! promise (their counts and `basic.get` may lag a requeue).
 //!
 //! Changing `max_deliveries` later makes the declaration fail with PRECONDITION_FAILED (queue
-//! arguments are fixed): the error says so; change the limit with a RabbitMQ policy or recreate
-//! the queue.
+//! arguments are fixed): the error says so; lower the limit with the function's RabbitMQ policy
+//! (for `delivery-limit` the broker takes the smaller of policy and argument) or recreate the
+//! queue.
 //!
 //! # Attempts and the crash-loop guard
 //!
@@ -60,10 +64,10 @@
 //! # Receiving and leases
 //!
 //! A handle starts one consumer on its first `receive`, with a prefetch of
-//! [`RabbitConfig::prefetch`] (20 by default; DESIGN says concurrency x 2, which needs a
-//! settings key: until then [`env::PREFETCH`] sets it); a handle that only publishes never
-//! takes messages. Deliveries wait in a local buffer; `receive(max, wait)` hands out up to
-//! `max` of them, waiting up to `wait` for the first. The receipt is
+//! [`RabbitConfig::prefetch`] (the setting `transport.prefetch`, by default 2 x
+//! `worker.concurrency` as DESIGN says); a handle that only publishes never takes messages.
+//! Deliveries wait in a local buffer; `receive(max, wait)` hands out up to `max` of them,
+//! waiting up to `wait` for the first. The receipt is
 //! `<handle>:<connection generation>:<channel id>:<delivery tag>`, and settling goes through
 //! lapin's `Acker` of the channel the message came on: a delivery tag of a dead channel or of an
 //! older connection can never be acked on a new one; settling it returns `LeaseLost` (the broker
@@ -74,9 +78,12 @@
 //! background task nacks with requeue every handed-out delivery whose deadline passed unsettled
 //! (so it is redelivered with `x-delivery-count + 1`, as an SQS visibility timeout would), and
 //! settling an expired delivery returns `LeaseLost`. RabbitMQ closes a channel that holds a
-//! delivery longer than `consumer_timeout` (30 min by default), killing every delivery on it;
-//! leases are therefore capped at [`RabbitConfig::max_hold`] (29 min) after the broker delivered
-//! the message: `extend` past it returns `LeaseLost` and the message is requeued.
+//! delivery longer than `consumer_timeout` (30 min by default, the setting
+//! `transport.consumer_timeout` tells us the broker's), killing every delivery on it; leases
+//! are therefore capped at [`RabbitConfig::max_hold`] (29 min for 30) after the broker
+//! delivered the message: `extend` past it returns `LeaseLost` and the message is requeued,
+//! with a warning naming the setting. Prefetched deliveries that waited that long in the
+//! buffer (every slot busy) are requeued the same way by the lease keeper.
 //!
 //! # Settling
 //!
@@ -141,12 +148,14 @@
 //! # Connection loss
 //!
 //! All channels of a handle share one connection. When it is lost, the next operation reconnects
-//! with a small backoff loop (100 ms doubling to 5 s, jittered, for up to 15 s, then the error is
-//! returned and the caller's own retry takes over), declares the topology again, and starts a
-//! fresh consumer: a new generation. Unacked deliveries of the dead connection are redelivered
-//! by the broker; settling them here returns `LeaseLost`. A lost channel (e.g. killed by
-//! `consumer_timeout`) is replaced the same way. The URL's password is never printed. A login
-//! the broker refuses, or an unknown virtual host, is a configuration error at once (no retry).
+//! with backoff ([`ReconnectSchedule`]: 100 ms doubling to 5 s, equal jitter, for up to 15 s,
+//! each attempt logged with its wait; then the error is returned and the caller's own retry
+//! takes over), declares the topology again, and starts a fresh consumer: a new generation.
+//! Unacked deliveries of the dead connection are redelivered by the broker; settling them here
+//! returns `LeaseLost`. A lost channel (e.g. killed by `consumer_timeout`) is replaced the same
+//! way. The URL's password is never printed. A login the broker refuses, an unknown virtual
+//! host, or a TLS handshake that fails on `amqps://` (lapin's rustls: a plain port, a
+//! certificate rustls rejects) is a configuration error at once (no retry).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -169,7 +178,6 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind,
     ExchangeKind,
 };
-use rand::Rng;
 use sha2::{Digest, Sha256};
 
 /// The client this adapter is built on, re-exported so that tools beside it (the benchmark's
@@ -184,6 +192,7 @@ use crate::{
         header, rfc3339, DeadLetter, Delivery, Failure, FailureClass, Headers, OutgoingMessage,
         QueueStats, RedriveFilter,
     },
+    retry::ReconnectSchedule,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -252,14 +261,17 @@ const BROKER_HEADERS: [&str; 8] = [
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
-/// Adapter settings beyond [`TransportOptions`] (whose `url` is the `amqp(s)://` URL).
+/// Adapter settings beyond [`TransportOptions`] (whose `url` is the `amqp(s)://` URL). A
+/// function binary gets them from the settings (`transport.prefetch`, `transport.declare`,
+/// `transport.consumer_timeout`) through [`super::AnyTransport::open`].
 #[derive(Debug, Clone)]
 pub struct RabbitConfig {
     /// Messages the broker may push ahead of `receive` (unacked, per handle). Keep it above
     /// the worker's concurrency plus one ack batch, or delivery stalls while acks are pending.
     pub prefetch: u16,
     /// Longest a delivery may be held, counted from the broker's delivery; keep it below the
-    /// broker's `consumer_timeout` (30 min by default), which would close the channel.
+    /// broker's `consumer_timeout` (30 min by default), which would close the channel (see
+    /// [`RabbitConfig::hold_within`]).
     pub max_hold: Duration,
     /// Declare every queue with `x-expires` (and the exchange auto-delete), so that the broker
     /// removes an unused topology by itself. For tests; `None` in production.
@@ -275,53 +287,20 @@ impl Default for RabbitConfig {
     fn default() -> Self {
         Self {
             prefetch: 20,
-            max_hold: Duration::from_secs(29 * 60),
+            max_hold: Self::hold_within(Duration::from_secs(30 * 60)),
             queue_expires: None,
             declare: true,
         }
     }
 }
 
-/// Environment variables read by [`RabbitConfig::from_env`] (interim: these become settings
-/// keys).
-pub mod env {
-    /// The prefetch ([`super::RabbitConfig::prefetch`]), 1 to 65535.
-    pub const PREFETCH: &str = "SLUICE_RABBITMQ_PREFETCH";
-    /// `false` (or `0`) turns the declaration at connect off ([`super::RabbitConfig::declare`]).
-    pub const DECLARE: &str = "SLUICE_RABBITMQ_DECLARE";
-}
-
 impl RabbitConfig {
-    /// The defaults, with [`env::PREFETCH`] and [`env::DECLARE`] applied when set. This is how
-    /// a function binary (which opens the transport through [`super::AnyTransport`]) gets them
-    /// until they are settings keys.
-    pub fn from_env() -> Result<Self> {
-        Self::from_vars(|k| std::env::var(k).ok())
-    }
-
-    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let mut c = Self::default();
-        if let Some(v) = var(env::PREFETCH) {
-            c.prefetch = v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                Error::Config(format!(
-                    "{}: {v:?} is not a number from 1 to 65535",
-                    env::PREFETCH
-                ))
-            })?;
-        }
-        if let Some(v) = var(env::DECLARE) {
-            c.declare = match v.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => {
-                    return Err(Error::Config(format!(
-                        "{}: {v:?} is not true or false",
-                        env::DECLARE
-                    )))
-                }
-            };
-        }
-        Ok(c)
+    /// The [`RabbitConfig::max_hold`] for a broker whose `consumer_timeout` is `timeout`: a
+    /// tenth of it earlier, but never more than a minute earlier (29 min for the default
+    /// 30 min), so that the requeue is sent, and reaches the broker, before the broker's own
+    /// periodic check can close the channel.
+    pub fn hold_within(timeout: Duration) -> Duration {
+        timeout.saturating_sub((timeout / 10).min(Duration::from_secs(60)))
     }
 }
 
@@ -383,6 +362,172 @@ impl Names {
             .into_iter()
             .chain(self.delays.iter().map(|(_, n)| n.as_str()))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The topology as data
+
+/// The broker objects of one work queue, as plain data: what [`Transport::provision`] (and a
+/// connecting handle) declares, and what `sluice-infra` writes to
+/// `infra/rabbitmq/definitions.json`, so that the two cannot say different things.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// The direct, durable exchange producers publish to (named like the work queue).
+    pub exchange: String,
+    /// The work queue, the DLQ and the delay steps, in declaration order.
+    pub queues: Vec<QueueSpec>,
+    /// (exchange, queue, routing key).
+    pub bindings: Vec<(String, String, String)>,
+    /// Policies carrying the same dead-letter settings and delivery limit as the queue
+    /// arguments (definitions files only: AMQP cannot declare a policy). See [`topology`].
+    pub policies: Vec<PolicySpec>,
+}
+
+/// One durable queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Its name.
+    pub name: String,
+    /// `quorum` or `classic` (also its `x-queue-type` argument).
+    pub kind: &'static str,
+    /// Its `x-*` arguments, sorted by name.
+    pub arguments: BTreeMap<&'static str, ArgValue>,
+}
+
+/// One policy (`apply-to: queues`, priority 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySpec {
+    /// Its name.
+    pub name: String,
+    /// The regular expression of the queue names it applies to.
+    pub pattern: String,
+    /// Its definition (keys without the `x-` of queue arguments), sorted by name.
+    pub definition: BTreeMap<&'static str, ArgValue>,
+}
+
+/// A queue argument or policy value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgValue {
+    /// A string.
+    Text(String),
+    /// A number.
+    Int(i64),
+}
+
+impl ArgValue {
+    fn amqp(&self) -> AMQPValue {
+        match self {
+            ArgValue::Text(s) => long_string(s),
+            ArgValue::Int(n) => AMQPValue::LongLongInt(*n),
+        }
+    }
+}
+
+/// The queue arguments the policies repeat (each is a policy key for quorum queues in RabbitMQ
+/// 3.10, without the `x-`). `x-queue-type` cannot come from a policy, and `x-message-ttl`
+/// differs from one delay step to the next, so those stay queue arguments only.
+const POLICY_KEYS: [&str; 5] = [
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-delivery-limit",
+    "x-overflow",
+];
+
+/// The topology of the work queue `queue` whose messages are delivered at most
+/// `max_deliveries` times per copy (see the module doc's table).
+///
+/// Two policies repeat the quorum queues' dead-letter settings and delivery limit: `<q>` for
+/// the work queue and `<q>.delay` for the delay steps. For quorum queues RabbitMQ 3.10 takes
+/// the queue argument over the policy for the dead-letter and overflow keys, and the smaller
+/// of the two for `delivery-limit`; so on queues declared by Sluice the policies change
+/// nothing, a queue created without arguments still gets them, and an operator can lower
+/// the crash-loop limit of existing queues by editing the policy (raising it needs the
+/// queues recreated, as their argument is the upper bound).
+pub fn topology(queue: &str, max_deliveries: u32) -> Result<Topology> {
+    let names = Names::new(queue)?;
+    Ok(names.topology(max_deliveries))
+}
+
+impl Names {
+    fn topology(&self, max_deliveries: u32) -> Topology {
+        let text = |s: &str| ArgValue::Text(s.to_owned());
+        let quorum = |dead_letter_to: &str| {
+            BTreeMap::from([
+                ("x-queue-type", text("quorum")),
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(dead_letter_to)),
+                // Dead letters move with confirms: none is lost on the way. It requires
+                // reject-publish.
+                ("x-dead-letter-strategy", text("at-least-once")),
+                ("x-overflow", text("reject-publish")),
+            ])
+        };
+        let mut work = quorum(&self.dlq);
+        work.insert(
+            "x-delivery-limit",
+            ArgValue::Int(i64::from(max_deliveries.max(1) - 1)),
+        );
+        let mut queues = vec![
+            QueueSpec {
+                name: self.work.clone(),
+                kind: "quorum",
+                arguments: work,
+            },
+            QueueSpec {
+                name: self.dlq.clone(),
+                kind: "classic",
+                arguments: BTreeMap::from([("x-queue-type", text("classic"))]),
+            },
+        ];
+        for (step, name) in &self.delays {
+            let mut args = quorum(&self.work);
+            args.insert("x-message-ttl", ArgValue::Int(step.as_millis() as i64));
+            queues.push(QueueSpec {
+                name: name.clone(),
+                kind: "quorum",
+                arguments: args,
+            });
+        }
+        let policy_of = |q: &QueueSpec| -> BTreeMap<&'static str, ArgValue> {
+            q.arguments
+                .iter()
+                .filter(|(k, _)| POLICY_KEYS.contains(k))
+                .map(|(k, v)| (k.strip_prefix("x-").unwrap_or(k), v.clone()))
+                .collect()
+        };
+        let escaped = regex_escape(&self.work);
+        let policies = vec![
+            PolicySpec {
+                name: self.work.clone(),
+                pattern: format!("^{escaped}$"),
+                definition: policy_of(&queues[0]),
+            },
+            PolicySpec {
+                name: format!("{}.delay", self.work),
+                pattern: format!("^{escaped}\\.delay\\.[0-9]+$"),
+                definition: policy_of(&queues[2]),
+            },
+        ];
+        Topology {
+            exchange: self.work.clone(),
+            queues,
+            bindings: vec![(self.work.clone(), self.work.clone(), self.work.clone())],
+            policies,
+        }
+    }
+}
+
+/// `name` as a literal in a policy pattern (RabbitMQ uses Erlang's PCRE `re`).
+fn regex_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,10 +608,10 @@ struct Envelope {
 }
 
 impl RabbitTransport {
-    /// Connects to `opts.url`, declares the topology and starts the lease keeper, with
-    /// [`RabbitConfig::from_env`].
+    /// Connects to `opts.url`, declares the topology and starts the lease keeper, with the
+    /// default [`RabbitConfig`].
     pub async fn open(opts: TransportOptions) -> Result<Self> {
-        Self::open_with(opts, RabbitConfig::from_env()?).await
+        Self::open_with(opts, RabbitConfig::default()).await
     }
 
     /// [`RabbitTransport::open`] with adapter settings.
@@ -477,9 +622,18 @@ impl RabbitTransport {
                 redact_url(&opts.url)
             )));
         }
+        // A URL that cannot parse would fail every reconnect attempt the same way.
+        if let Err(e) = opts.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(Error::Config(format!(
+                "key `transport.url`: {} is not a valid AMQP URL: {e}",
+                redact_url(&opts.url)
+            )));
+        }
         if config.prefetch == 0 {
             return Err(Error::Config(
-                "rabbitmq prefetch must be at least 1 (0 means unlimited in AMQP)".into(),
+                "key `transport.prefetch`: the RabbitMQ prefetch must be at least 1 (0 means \
+                 unlimited in AMQP)"
+                    .into(),
             ));
         }
         let names = Names::new(&opts.queue)?;
@@ -507,7 +661,9 @@ impl RabbitTransport {
     }
 }
 
-/// Nacks (with requeue) the deliveries whose lease ran out, until the handle is dropped.
+/// Nacks (with requeue) the deliveries whose lease ran out, and the prefetched ones that waited
+/// in the buffer for [`RabbitConfig::max_hold`] (the broker's `consumer_timeout` counts them
+/// too), until the handle is dropped.
 async fn keep_leases(inner: Weak<Inner>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -524,10 +680,49 @@ async fn keep_leases(inner: Weak<Inner>, tick: Duration) {
                 .collect();
             receipts.iter().filter_map(|r| leases.remove(r)).collect()
         };
+        let max_hold = inner.config.max_hold;
+        // Deliveries still inside lapin's consumer count for the broker too: take them into
+        // the buffer, so that their wait is measured from about now (within one tick). A
+        // `receive` holding the intake does the same itself.
+        if let Ok(mut intake) = inner.intake.try_lock() {
+            if let Some(i) = intake.as_mut() {
+                inner.drain_ready(i);
+            }
+        }
+        let stale: Vec<Pending> = {
+            let mut pending = inner.pending.lock().expect("pending buffer");
+            // Oldest first: the buffer is in arrival order.
+            let n = pending
+                .iter()
+                .take_while(|p| now.duration_since(p.arrived) >= max_hold)
+                .count();
+            pending.drain(..n).collect()
+        };
         drop(inner);
         for lease in expired {
-            tracing::debug!(id = %lease.id, "lease ran out unsettled: requeued");
+            if lease.deadline >= lease.hold_until {
+                tracing::warn!(
+                    id = %lease.id,
+                    held = ?max_hold,
+                    "message held as long as RabbitMQ's consumer_timeout allows \
+                     (transport.consumer_timeout): requeued before the broker closes the channel"
+                );
+            } else {
+                tracing::debug!(id = %lease.id, "lease ran out unsettled: requeued");
+            }
             lease.window.requeue(lease.tag).await;
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                count = stale.len(),
+                waited = ?max_hold,
+                "prefetched messages waited as long as RabbitMQ's consumer_timeout allows \
+                 (transport.consumer_timeout) without a free slot: requeued before the broker \
+                 closes the channel"
+            );
+        }
+        for p in stale {
+            p.window.requeue(p.delivery.delivery_tag).await;
         }
     }
 }
@@ -774,31 +969,26 @@ impl Inner {
     }
 
     async fn connect_with_backoff(&self) -> Result<Session> {
-        let started = Instant::now();
-        let mut attempt = 0u32;
+        let mut schedule = ReconnectSchedule::new(RECONNECT_FIRST, RECONNECT_CAP, RECONNECT_BUDGET);
         loop {
             let err = match self.connect_once().await {
                 Ok(s) => return Ok(s),
                 Err(e @ Error::Config(_)) => return Err(e),
                 Err(e) => e,
             };
-            let envelope = RECONNECT_FIRST
-                .saturating_mul(1 << attempt.min(16))
-                .min(RECONNECT_CAP);
-            // Equal jitter: at least half the envelope, so retries never spin.
-            let half = envelope.as_millis() as u64 / 2;
-            let wait = Duration::from_millis(half + rand::thread_rng().gen_range(0..=half));
-            if started.elapsed() + wait > RECONNECT_BUDGET {
+            let Some(wait) = schedule.next_wait() else {
                 return Err(err);
-            }
+            };
+            // The error texts come from `connect_error` and `broker`: the URL in them is
+            // redacted, and lapin's own texts carry no credentials.
             tracing::warn!(
                 url = %redact_url(&self.opts.url),
                 error = %err,
+                attempt = schedule.attempts(),
                 retry_in = ?wait,
-                "could not connect to RabbitMQ"
+                "could not connect to RabbitMQ; retrying"
             );
             tokio::time::sleep(wait).await;
-            attempt += 1;
         }
     }
 
@@ -849,33 +1039,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Declares the topology (idempotent).
+    /// Declares the topology (idempotent): [`topology`] on the broker, plus `x-expires` on
+    /// every queue when [`RabbitConfig::queue_expires`] is set.
     async fn declare(&self, ch: &Channel) -> Result<()> {
-        let n = &self.names;
-        let mut common = FieldTable::default();
-        if let Some(expires) = self.config.queue_expires {
-            common.insert(
-                "x-expires".into(),
-                AMQPValue::LongLongInt(expires.as_millis() as i64),
-            );
-        }
-        let quorum = |mut t: FieldTable, dead_letter_to: &str| {
-            t.insert("x-queue-type".into(), long_string("quorum"));
-            t.insert("x-dead-letter-exchange".into(), long_string(""));
-            t.insert(
-                "x-dead-letter-routing-key".into(),
-                long_string(dead_letter_to),
-            );
-            t.insert(
-                "x-dead-letter-strategy".into(),
-                long_string("at-least-once"),
-            );
-            t.insert("x-overflow".into(), long_string("reject-publish"));
-            t
-        };
-        let durable = QueueDeclareOptions::durable();
+        let topology = self.names.topology(self.opts.max_deliveries);
         ch.exchange_declare(
-            n.work.as_str().into(),
+            topology.exchange.as_str().into(),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
                 durable: true,
@@ -885,38 +1054,32 @@ impl Inner {
             FieldTable::default(),
         )
         .await
-        .map_err(|e| declare_error(&n.work, e))?;
-        let mut work = quorum(common.clone(), &n.dlq);
-        work.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(self.opts.max_deliveries.max(1) - 1)),
-        );
-        ch.queue_declare(n.work.as_str().into(), durable, work)
-            .await
-            .map_err(|e| declare_error(&n.work, e))?;
-        ch.queue_bind(
-            n.work.as_str().into(),
-            n.work.as_str().into(),
-            n.work.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| declare_error(&n.work, e))?;
-        let mut dlq = common.clone();
-        dlq.insert("x-queue-type".into(), long_string("classic"));
-        ch.queue_declare(n.dlq.as_str().into(), durable, dlq)
-            .await
-            .map_err(|e| declare_error(&n.dlq, e))?;
-        for (step, name) in &n.delays {
-            let mut args = quorum(common.clone(), &n.work);
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(step.as_millis() as i64),
-            );
-            ch.queue_declare(name.as_str().into(), durable, args)
+        .map_err(|e| declare_error(&topology.exchange, e))?;
+        for q in &topology.queues {
+            let mut args = FieldTable::default();
+            for (name, value) in &q.arguments {
+                args.insert((*name).into(), value.amqp());
+            }
+            if let Some(expires) = self.config.queue_expires {
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(expires.as_millis() as i64),
+                );
+            }
+            ch.queue_declare(q.name.as_str().into(), QueueDeclareOptions::durable(), args)
                 .await
-                .map_err(|e| declare_error(name, e))?;
+                .map_err(|e| declare_error(&q.name, e))?;
+        }
+        for (exchange, queue, key) in &topology.bindings {
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| declare_error(queue, e))?;
         }
         Ok(())
     }
@@ -1291,6 +1454,14 @@ impl Inner {
             }
         };
         if let Some(l) = expired {
+            if l.hold_until <= now {
+                tracing::warn!(
+                    id = %l.id,
+                    held = ?self.config.max_hold,
+                    "message held as long as RabbitMQ's consumer_timeout allows \
+                     (transport.consumer_timeout): requeued before the broker closes the channel"
+                );
+            }
             l.window.requeue(l.tag).await;
         }
         Err(Error::LeaseLost(d.id.clone()))
@@ -2002,17 +2173,29 @@ fn missing_queue(name: &str, e: lapin::Error) -> Error {
         {
             Error::Transport(format!(
                 "RabbitMQ has no queue {name:?}: run `provision`, or import \
-                 infra/rabbitmq/definitions.json (declaring at start is off: {}=false)",
-                env::DECLARE
+                 infra/rabbitmq/definitions.json (declaring at start is off: \
+                 transport.declare = false)"
             ))
         }
         _ => broker(&format!("queue {name:?}"), e),
     }
 }
 
-/// A refused login or an unknown virtual host is a configuration error: retrying cannot help.
+/// A refused login, an unknown virtual host or a failed TLS handshake is a configuration
+/// error: retrying cannot help.
 fn connect_error(url: &str, e: lapin::Error) -> Error {
     let shown = redact_url(url);
+    if let ErrorKind::IOError(io) = e.kind() {
+        // rustls reports a peer that does not speak TLS, or a certificate it rejects, as
+        // invalid data; a broker going away mid-handshake is a reset or an EOF instead.
+        if url.starts_with("amqps://") && io.kind() == std::io::ErrorKind::InvalidData {
+            return Error::Config(format!(
+                "key `transport.url`: the TLS handshake with {shown} failed ({io}): is that \
+                 port a TLS listener (5671 by default, 5672 is plain amqp://), and does the \
+                 broker's certificate name that host?"
+            ));
+        }
+    }
     if let ErrorKind::ProtocolError(amqp) = e.kind() {
         match amqp.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
@@ -2110,32 +2293,48 @@ impl Transport for RabbitTransport {
 mod tests {
     use super::*;
 
-    fn vars<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(name, _)| *name == k)
-                .map(|(_, v)| v.to_string())
+    #[test]
+    fn the_topology_policies_repeat_the_quorum_arguments_and_match_only_their_queues() {
+        let t = topology("pay.v2", 10).unwrap();
+        assert_eq!(t.queues.len(), 14);
+        assert_eq!(t.queues[0].arguments["x-delivery-limit"], ArgValue::Int(9));
+        assert_eq!(t.policies[0].pattern, "^pay\\.v2$");
+        assert_eq!(t.policies[1].pattern, "^pay\\.v2\\.delay\\.[0-9]+$");
+        assert_eq!(
+            t.policies[0].definition["dead-letter-routing-key"],
+            ArgValue::Text("pay.v2.dlq".into())
+        );
+        assert_eq!(t.policies[0].definition["delivery-limit"], ArgValue::Int(9));
+        assert!(!t.policies[1].definition.contains_key("delivery-limit"));
+        assert!(!t.policies[1].definition.contains_key("message-ttl"));
+        // Each policy's keys are exactly the queue arguments of the queues it names.
+        for q in t.queues.iter().filter(|q| q.kind == "quorum") {
+            let policy = if q.name == "pay.v2" {
+                &t.policies[0]
+            } else {
+                &t.policies[1]
+            };
+            for (k, v) in &policy.definition {
+                assert_eq!(
+                    q.arguments.get(format!("x-{k}").as_str()),
+                    Some(v),
+                    "{}",
+                    q.name
+                );
+            }
         }
+        assert_eq!(regex_escape("a.b+c"), "a\\.b\\+c");
     }
 
     #[test]
-    fn interim_environment_sets_prefetch_and_declaring() {
-        let c = RabbitConfig::from_vars(vars(&[])).unwrap();
-        assert_eq!((c.prefetch, c.declare), (20, true));
-        let c = RabbitConfig::from_vars(vars(&[(env::PREFETCH, "200"), (env::DECLARE, "false")]))
-            .unwrap();
-        assert_eq!((c.prefetch, c.declare), (200, false));
-        for bad in [
-            (env::PREFETCH, "0"),
-            (env::PREFETCH, "lots"),
-            (env::DECLARE, "maybe"),
-        ] {
-            let err = RabbitConfig::from_vars(vars(&[bad]))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(bad.0), "{err}");
-        }
+    fn holds_end_before_the_brokers_consumer_timeout() {
+        let min = Duration::from_secs(60);
+        assert_eq!(RabbitConfig::hold_within(30 * min), 29 * min);
+        assert_eq!(RabbitConfig::default().max_hold, 29 * min);
+        assert_eq!(
+            RabbitConfig::hold_within(Duration::from_secs(10)),
+            Duration::from_secs(9)
+        );
     }
 
     #[test]

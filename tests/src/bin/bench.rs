@@ -96,13 +96,11 @@ fn main() -> ExitCode {
         What::Stores { .. } => None,
     };
     if let Some(prefetch) = prefetch {
-        // Read by the RabbitMQ transport when the pipeline opens it; set before any thread.
-        std::env::set_var(
-            sluice::transport::rabbitmq::env::PREFETCH,
-            prefetch.to_string(),
-        );
+        // Settings of the in-process worker (`sluice_settings` reads the environment); set
+        // before any thread.
+        std::env::set_var("SLUICE__TRANSPORT__PREFETCH", prefetch.to_string());
         // The bench declares the topology once; the workers only check that it is there.
-        std::env::set_var(sluice::transport::rabbitmq::env::DECLARE, "false");
+        std::env::set_var("SLUICE__TRANSPORT__DECLARE", "false");
     }
     // Two worker threads, as a function binary gets on this two-core box (tokio's default).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -579,7 +577,7 @@ mod rabbit {
         let queue = sluice::conformance::unique("bench-rabbitmq");
         // The bench declares the topology once (with `x-expires`, so that an interrupted run
         // leaves nothing for long); the workers only check that it is there (main sets
-        // SLUICE_RABBITMQ_DECLARE=false).
+        // SLUICE__TRANSPORT__DECLARE=false).
         let admin = RabbitTransport::open_with(
             options(&queue, &url),
             RabbitConfig {
@@ -1032,7 +1030,8 @@ mod rabbit {
         Ok(Settings::load(
             "bench-noop",
             None,
-            std::iter::empty(),
+            // `transport.prefetch` and `transport.declare`, set by `main`.
+            std::env::vars(),
             &[
                 format!("queue={queue}"),
                 "transport.kind=rabbitmq".into(),
