@@ -106,3 +106,11 @@ fmt:
 # Run a function's CLI, e.g. `just fn charge-payment stats`.
 fn name *args:
     cargo run --quiet -p {{name}} -- {{args}}
+
+# A function's container binary, built by the Dockerfile's own build script outside Docker (infra/docker/build.sh), into target/image/<fn>/; docs/deploy-kubernetes.md.
+image-build fn:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    infra/docker/build.sh {{fn}} "$target/image/{{fn}}"
+    ls -l "$target/image/{{fn}}/{{fn}}"

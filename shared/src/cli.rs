@@ -193,6 +193,9 @@ where
     }
     let settings = function.load_settings(file_toml.as_deref(), &overrides)?;
     init_logging(&settings.telemetry);
+    if let (Command::Run { .. }, Some(addr)) = (&cli.command, settings.telemetry.listen) {
+        crate::serve::start(addr, function.health.clone()).await?;
+    }
     let rt = Arc::new(function.build(settings).await?);
     match cli.command {
         Command::Run { drain, summary, .. } => {

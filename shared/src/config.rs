@@ -396,6 +396,10 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// An `EnvFilter` directive, e.g. `info` or `sluice=debug`. `RUST_LOG` wins when set.
     pub log_level: String,
+    /// Where `run` serves `/healthz`, `/readyz` and `/metrics` (`serve.rs`), e.g.
+    /// `0.0.0.0:9090`; empty (the default) = no listener.
+    #[serde(with = "listen_addr")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for TelemetrySettings {
@@ -403,7 +407,33 @@ impl Default for TelemetrySettings {
         TelemetrySettings {
             log_format: LogFormat::Json,
             log_level: "info".into(),
+            listen: None,
         }
+    }
+}
+
+/// `telemetry.listen` as a string: empty = off, else `ip:port`, so a bad value fails while
+/// loading, with the key named, not when the listener starts.
+mod listen_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.map(|a| a.to_string()).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not an ip:port address such as 0.0.0.0:9090 (empty = off)"
+            ))
+        })
     }
 }
 

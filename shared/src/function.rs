@@ -29,6 +29,8 @@ pub struct Function<T, S, H> {
     pub(crate) key_fn: Option<KeyFn<T>>,
     pub(crate) schema_versions: Vec<String>,
     pub(crate) init: Option<StateInit<S>>,
+    /// Probe state, shared by the runtime and the `telemetry.listen` server (serve.rs).
+    pub(crate) health: Arc<crate::serve::Health>,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -47,6 +49,7 @@ where
             key_fn: None,
             schema_versions: Vec::new(),
             init: None,
+            health: Arc::default(),
             _t: PhantomData,
         }
     }
@@ -154,6 +157,7 @@ where
             key_fn: self.key_fn,
             schema_versions: self.schema_versions,
             metrics: Metrics::default(),
+            health: self.health,
             _input: PhantomData,
         })
     }

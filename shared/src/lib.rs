@@ -38,6 +38,7 @@
 //! - [`config`]: layered settings (defaults < `sluice.toml` < `SLUICE__*` env < `--set`).
 //! - [`message`]: bytes + headers, failure history, dead letters.
 //! - [`telemetry`]: JSON logs and per-process counters.
+//! - [`serve`]: `/healthz`, `/readyz` and `/metrics` of `run` when `telemetry.listen` is set.
 //! - [`cli`]: the command line every function gets.
 //! - `lambda` (feature `lambda`): SQS events through the same pipeline under `lambda_runtime`.
 //! - `conformance` (feature `conformance`): the suites every adapter and store must pass.
@@ -78,6 +79,7 @@ pub mod lambda;
 pub mod message;
 pub mod ratelimit;
 pub mod retry;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

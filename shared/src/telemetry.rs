@@ -109,6 +109,20 @@ impl Metrics {
         let _ = self.latency_us.lock().expect("metrics lock").record(us);
     }
 
+    /// Receive-to-settle latency for `/metrics` (serve.rs): observations, their sum in
+    /// seconds (from the histogram's mean, so within its 3 significant digits), and the
+    /// value in seconds at each of `quantiles`.
+    pub fn latency(&self, quantiles: &[f64]) -> (u64, f64, Vec<f64>) {
+        let h = self.latency_us.lock().expect("metrics lock");
+        let count = h.len();
+        let sum = h.mean() * count as f64 / 1e6;
+        let at = quantiles
+            .iter()
+            .map(|&q| h.value_at_quantile(q) as f64 / 1e6)
+            .collect();
+        (count, sum, at)
+    }
+
     /// A snapshot for `run --summary`.
     pub fn summary(&self) -> RunSummary {
         let h = self.latency_us.lock().expect("metrics lock");

@@ -61,6 +61,7 @@ pub struct Runtime<T, S, H> {
     pub(crate) limiter: Option<RateLimiter>,
     /// Counters of this process.
     pub metrics: Metrics,
+    pub(crate) health: Arc<crate::serve::Health>,
     pub(crate) _input: PhantomData<fn() -> T>,
 }
 
@@ -175,7 +176,9 @@ where
             "worker started"
         );
         let mut transport_errors = 0u32;
+        self.health.intake_started(self, &shutdown);
         while !shutdown.is_cancelled() {
+            self.health.tick();
             while tasks.try_join_next().is_some() {}
             // A free slot first: the failure that frees one may be the one that opens the
             // breaker, so the breaker is asked only once a slot is free.
@@ -271,6 +274,7 @@ where
             hard_stop.cancel();
             while tasks.join_next().await.is_some() {}
         }
+        self.health.intake_stopped();
         let summary = self.metrics.summary();
         tracing::info!(?summary, "worker stopped");
         Ok(summary)

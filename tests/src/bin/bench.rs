@@ -404,6 +404,7 @@ mod rabbit {
             init_logging(&TelemetrySettings {
                 log_format: LogFormat::Json,
                 log_level: a.log_level.clone(),
+                ..Default::default()
             });
         }
         let cpu = cpu_seconds("self");
@@ -572,6 +573,7 @@ mod rabbit {
         init_logging(&TelemetrySettings {
             log_format: LogFormat::Json,
             log_level: a.log_level.clone(),
+            ..Default::default()
         });
         let url = sluice_tests::rabbit::url();
         let queue = sluice::conformance::unique("bench-rabbitmq");
