@@ -1,12 +1,15 @@
 //! The generated CloudFormation template (`infra/aws/charge-payment.json`) deployed into moto's
 //! CloudFormation, then used by the real charge-payment binary in container mode: a poison
 //! message lands in the *deployed* DLQ with its history, good ones are charged once with their
-//! records in the deployed bucket. And `sluice-infra check` names a template that drifted from
-//! its function's `sluice.toml`.
+//! records in the deployed bucket. The Lambda build, given exactly the environment the
+//! template gives the function, drains the deployed queue through `local-esm`. And
+//! `sluice-infra check` names a template that drifted from its function's `sluice.toml`.
 //!
 //! Needs moto (`eval "$(scripts/moto.sh start)"`; the deploy script runs with its venv's boto3)
-//! and the binaries `charge-payment` and `sluice-infra` (`cargo build -p charge-payment -p
-//! sluice-infra`; `just test` builds them). Without moto the test fails: it never touches real
+//! and the binaries `charge-payment`, `sluice-infra` and the Lambda build of charge-payment
+//! (`cargo build -p charge-payment -p sluice-infra` and `cargo build -p charge-payment
+//! --no-default-features --features lambda --target x86_64-unknown-linux-gnu`; `just test`
+//! builds them). Without moto the test fails: it never touches real
 //! AWS. moto cannot run the Lambda function, so the stack is deployed with
 //! `DeployFunction=false` (queues, bucket, alarms); `scripts/infra-check.sh` deploys the full
 //! template, and docs/deploy.md lists what moto accepts without creating.
@@ -219,6 +222,114 @@ fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_d
         dead[0]["body"], "this is not a charge request",
         "{}",
         dead[0]
+    );
+}
+
+/// The generated template's Lambda environment, its references resolved with the stack's
+/// outputs as CloudFormation resolves them on AWS.
+fn function_environment(outputs: &serde_json::Value) -> BTreeMap<String, String> {
+    let template: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("infra/aws/charge-payment.json")).unwrap(),
+    )
+    .unwrap();
+    let vars = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
+        .as_object()
+        .unwrap();
+    let out = |key: &str| outputs[key].as_str().unwrap().to_owned();
+    vars.iter()
+        .map(|(k, v)| {
+            let value = match v {
+                serde_json::Value::String(s) => s.clone(),
+                v if *v == serde_json::json!({ "Ref": "Queue" }) => out("QueueUrl"),
+                v if *v == serde_json::json!({ "Fn::GetAtt": ["Queue", "QueueName"] }) => {
+                    out("QueueName")
+                }
+                v if *v == serde_json::json!({ "Fn::Sub": "s3://${Bucket}/${StorePrefix}" }) => {
+                    out("StoreUrl")
+                }
+                other => panic!("{k}: no resolution for {other} in this test"),
+            };
+            (k.clone(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn the_lambda_build_with_the_templates_environment_drains_the_deployed_queue() {
+    sluice_tests::moto("SQS");
+    sluice_tests::moto("S3");
+    sluice_tests::moto("CLOUDFORMATION");
+    sluice_tests::lambda::lambda_binary("charge-payment").expect("the Lambda build");
+    let name = unique("infra-lambda");
+    let stack = deploy(
+        &name,
+        "infra/aws/charge-payment.json",
+        &[
+            &format!("Name={name}"),
+            "DeployFunction=false",
+            "CodeBucket=unused-without-function",
+        ],
+    );
+    let outputs = &stack["outputs"];
+    let env = function_environment(outputs);
+    // The template's ledger is /tmp/ledger.db (Lambda's only writable place); this test
+    // counts charges in its own.
+    assert_eq!(env["SLUICE__APP__LEDGER"], "/tmp/ledger.db");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::new(dir.path()).unwrap();
+    let ledger = format!("SLUICE__APP__LEDGER={}", sandbox.ledger_db().display());
+
+    let bin = function_binary("charge-payment").unwrap();
+    let send = |body: &str, count: &str| {
+        let out = sandbox
+            .command(&bin, &["send", "--count", count, body], "cli.log")
+            .unwrap()
+            .envs(&env)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "send: {}", out.status);
+    };
+    send(
+        r#"{"payment_id":"pay-{{seq}}","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#,
+        "8",
+    );
+    send("this is not a charge request", "1");
+
+    // local-esm invokes the Lambda build the way the event source mapping the template
+    // declares would: batches of 10, the function's timeout, partial batch responses. Only the
+    // template's environment reaches the function (plus the ledger above).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_local-esm"));
+    cmd.args([
+        "--function",
+        "charge-payment",
+        "--drain",
+        "--max-time",
+        "120s",
+    ])
+    .args(["--queue", &env["SLUICE__TRANSPORT__URL"]])
+    .args(["--timeout", "22s", "--env", &ledger])
+    .arg("--log")
+    .arg(dir.path().join("lambda.log"));
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "local-esm: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("lambda.log")).unwrap_or_default()
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["reported_failed"], 0, "{summary}");
+    assert_eq!(summary["invocation_errors"], 0, "{summary}");
+
+    let ledger = ledger_counts(&sandbox.ledger_db()).unwrap();
+    assert_eq!((ledger.charges, ledger.distinct_payments), (8, 8));
+    assert_eq!(object_count(&env["SLUICE__STORE__URL"]), 8);
+    assert_eq!(
+        queue_depth(outputs["DeadLetterQueueUrl"].as_str().unwrap()),
+        1
     );
 }
 
