@@ -9,7 +9,7 @@
 //!
 //! Everything the worker also reads (queue name, shutdown grace, concurrency) comes from the
 //! function's settings; the rest (image, replica bounds, resources) from its
-//! `[deploy.kubernetes]` table ([`K8sDeploy`]). docs/deploy-kubernetes.md walks through using them.
+//! `[deploy.kubernetes]` table ([`K8sDeploy`]). docs/deploy.md walks through using them.
 
 use std::collections::BTreeMap;
 
@@ -34,7 +34,7 @@ const NONROOT: u32 = 65532;
 #[serde(default, deny_unknown_fields)]
 pub struct K8sDeploy {
     /// The container image; default `<function>:latest` (what `docker build` in
-    /// docs/deploy-kubernetes.md tags, loadable into kind or minikube).
+    /// docs/deploy.md tags, loadable into kind or minikube).
     pub image: Option<String>,
     /// KEDA's lower bound; 0 lets an idle queue scale the Deployment to zero.
     pub min_replicas: u32,
