@@ -714,29 +714,69 @@ async fn duplicate_published_after_completion_is_acked_without_running_the_handl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_duplicate_waits_for_the_first_delivery_and_is_then_absorbed() {
+async fn concurrent_duplicates_wait_for_the_first_delivery_without_using_up_deliveries() {
     let sb = Sandbox::new();
     let probe = Probe::default();
-    // Two slots: both copies are received in one batch and claim at the same time.
+    // Three slots: the copies are received together and two find the key in progress. One
+    // delivery each: a wait for the key that used up a delivery would dead-letter them.
     let rt = build(
         function(&probe).idempotency_key(|j: &Job| format!("order-{}", j.key)),
-        sb.settings(&["worker.concurrency=2"]),
+        sb.settings(&["worker.concurrency=3", "retry.max_deliveries=1"]),
     )
     .await;
-    let job = Job::new("7", Mode::Sleep).ms(150);
-    publish(&rt, vec![job.message(), job.message()]).await;
+    let job = Job::new("7", Mode::Sleep).ms(300);
+    publish(&rt, vec![job.message(), job.message(), job.message()]).await;
 
     let summary = drain(&rt).await;
 
     assert_eq!(probe.calls("7").len(), 1, "the handler ran once");
     assert_eq!(summary.succeeded, 1);
-    assert_eq!(summary.duplicates_skipped, 1);
-    assert!(
-        summary.retried >= 1,
-        "the copy that found the key in progress came back later: {summary:?}"
+    assert_eq!(
+        summary.duplicates_skipped, 2,
+        "both copies waited for the key and were absorbed: {summary:?}"
     );
-    assert_eq!(summary.dead_lettered, 0);
+    assert_eq!(
+        summary.retried, 0,
+        "no delivery was spent waiting: {summary:?}"
+    );
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
     assert!(stats(&rt).await.is_drained());
+    assert_dlq_empty(&rt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_of_a_long_running_delivery_comes_back_when_its_claim_runs_out() {
+    let sb = Sandbox::new();
+    let probe = Probe::default();
+    // The original runs longer than a duplicate may wait in its slot (100 ms): the duplicate
+    // goes back to the broker until the original's claim would end (the lease, 1 s, kept
+    // alive by the original), not on the 50-200 ms backoff that would use up its four
+    // deliveries while the original is still running.
+    let rt = build(
+        function(&probe).idempotency_key(|j: &Job| format!("order-{}", j.key)),
+        sb.settings(&[
+            "worker.concurrency=2",
+            "retry.max_deliveries=4",
+            "retry.max_in_slot_wait=100ms",
+            "transport.lease=1s",
+        ]),
+    )
+    .await;
+    let job = Job::new("8", Mode::Sleep).ms(1200);
+    publish(&rt, vec![job.message(), job.message()]).await;
+
+    let summary = drain(&rt).await;
+
+    assert_eq!(probe.calls("8").len(), 1, "the handler ran once");
+    assert_eq!(summary.succeeded, 1);
+    assert_eq!(summary.duplicates_skipped, 1, "{summary:?}");
+    assert!(
+        (1..=2).contains(&summary.retried),
+        "the duplicate came back once per claim lease, not per backoff step: {summary:?}"
+    );
+    assert_eq!(summary.dead_lettered, 0, "{summary:?}");
+    assert!(stats(&rt).await.is_drained());
+    assert_dlq_empty(&rt).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1293,9 +1293,11 @@ impl Inner {
             // Its channel is gone; the broker redelivers it.
             return None;
         }
-        let top = raw.properties.headers().clone().unwrap_or_default();
+        // Borrowed, not cloned: this runs for every delivery.
+        let no_headers = FieldTable::default();
+        let top = raw.properties.headers().as_ref().unwrap_or(&no_headers);
         let trusted = raw.exchange.as_str().is_empty() && top.contains_key(own_header::RETRIES);
-        let (producer, envelope) = split_headers(&top, trusted);
+        let (producer, envelope) = split_headers(top, trusted);
         let now = SystemTime::now();
         let id = message_id(&raw.properties, &raw.data);
         if let Some(due) = envelope.due_at {
