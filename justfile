@@ -22,6 +22,8 @@ test: lint
     scripts/services.sh postgres redis rabbitmq
     eval "$(scripts/moto.sh start)"
     trap 'scripts/moto.sh stop' EXIT
+    # cargo-lambda (PyPI) for tests/tests/cargo_lambda.rs; seconds, once per machine.
+    scripts/lambda.sh install
     cargo build --workspace --bins
     # The Lambda flavour (no lapin), for tests/tests/lambda_mode.rs and local_esm.rs: built for
     # an explicit target so it lands beside the host binaries, not over them.

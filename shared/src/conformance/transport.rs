@@ -81,7 +81,8 @@ where
         .is_empty());
 }
 
-/// `retry_after(d)` hides the message for `d`, then delivers it again as the next attempt.
+/// `retry_after(d)` hides the message for `d`, then delivers it again as the next attempt;
+/// meanwhile other messages are delivered (a delayed retry holds no consumer slot).
 /// `rounding` is how much earlier than `d` the adapter may deliver (delay ladders round).
 pub async fn retry_after_hides_the_message_until_the_delay<T, F, Fut>(make: F, rounding: Duration)
 where
@@ -107,6 +108,15 @@ where
         (0, 1),
         "a delayed message is counted as delayed: {s:?}"
     );
+    // The delay holds no consumer slot: a message sent meanwhile is delivered (and settled)
+    // while the retried one waits.
+    let other = publish_one(&t, b"{\"other\":true}").await;
+    let next = receive_one(&t).await;
+    assert_eq!(
+        next.id, other,
+        "while a retry waits its delay, other messages flow"
+    );
+    t.ack(&next).await.expect("ack the other message");
     let again = receive_one(&t).await;
     let waited = retried_at.elapsed();
     assert!(
