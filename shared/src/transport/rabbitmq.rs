@@ -1424,6 +1424,33 @@ impl Inner {
         Ok(session)
     }
 
+    /// Publishes a copy of the leased delivery (same body and properties, `headers`) to
+    /// `routing_key` on the lease's own connection, and acks the original only once the broker
+    /// confirmed the copy; on failure the lease is put back, so nothing is lost.
+    async fn replace_with_copy(
+        &self,
+        d: &Delivery,
+        lease: Lease,
+        routing_key: &str,
+        headers: FieldTable,
+    ) -> Result<()> {
+        let properties = copy_properties_at(&lease.properties, &d.id, headers, lease.enqueued_at);
+        let result = match self.session_of(&lease, d).await {
+            Ok(session) => {
+                self.publish_confirmed(&session, "", routing_key, &d.body, properties)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => settled(lease.window.ack(lease.tag).await, &d.id),
+            Err(e) => {
+                self.restore(d, lease);
+                Err(e)
+            }
+        }
+    }
+
     /// Puts a lease back after a failed settle, so it runs out as usual.
     fn restore(&self, d: &Delivery, lease: Lease) {
         self.leases
@@ -1483,21 +1510,8 @@ impl Inner {
             ..Envelope::default()
         };
         let headers = copy_headers(&lease.producer, &envelope.retry_entries());
-        let properties = copy_properties_at(&lease.properties, &d.id, headers, lease.enqueued_at);
-        let result = match self.session_of(&lease, d).await {
-            Ok(session) => {
-                self.publish_confirmed(&session, "", self.names.route(delay), &d.body, properties)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) => settled(lease.window.ack(lease.tag).await, &d.id),
-            Err(e) => {
-                self.restore(d, lease);
-                Err(e)
-            }
-        }
+        self.replace_with_copy(d, lease, self.names.route(delay), headers)
+            .await
     }
 
     async fn dead_letter(&self, d: &Delivery, failure: &Failure) -> Result<()> {
@@ -1515,21 +1529,8 @@ impl Inner {
             (own_header::DEAD_LETTERED_AT, rfc3339(SystemTime::now())),
         ];
         let headers = copy_headers(&lease.producer, &entries);
-        let properties = copy_properties_at(&lease.properties, &d.id, headers, lease.enqueued_at);
-        let result = match self.session_of(&lease, d).await {
-            Ok(session) => {
-                self.publish_confirmed(&session, "", &self.names.dlq, &d.body, properties)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(()) => settled(lease.window.ack(lease.tag).await, &d.id),
-            Err(e) => {
-                self.restore(d, lease);
-                Err(e)
-            }
-        }
+        self.replace_with_copy(d, lease, &self.names.dlq, headers)
+            .await
     }
 
     // --- inspection ---------------------------------------------------------------------------
