@@ -43,6 +43,19 @@ const RECEIVE_BATCH: usize = 10;
 /// is put back regardless.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
+/// Cuts a decision short: tells the handler, gives it [`CANCEL_GRACE`] to return, and puts the
+/// message back when it doesn't (or gave up).
+async fn cut_short(
+    cancel: &CancellationToken,
+    decide: std::pin::Pin<&mut impl std::future::Future<Output = Verdict>>,
+) -> Verdict {
+    cancel.cancel();
+    match tokio::time::timeout(CANCEL_GRACE, decide).await {
+        Ok(Verdict::Abandon) | Err(_) => Verdict::Release,
+        Ok(v) => v,
+    }
+}
+
 /// First look again at a key another delivery holds; the interval doubles from here.
 const IN_PROGRESS_FIRST_LOOK: Duration = Duration::from_millis(50);
 
@@ -386,28 +399,28 @@ where
                 biased;
                 v = &mut decide => v,
                 v = self.keep_lease(&d, &held, &cancel) => v,
-                _ = hard_stop.cancelled() => {
-                    // Shutdown is past grace: tell the handler, give it a moment to return,
-                    // then put the message back.
-                    cancel.cancel();
-                    match tokio::time::timeout(CANCEL_GRACE, &mut decide).await {
-                        Ok(Verdict::Abandon) | Err(_) => Verdict::Release,
-                        Ok(v) => v,
-                    }
-                }
+                // Shutdown is past grace.
+                _ = hard_stop.cancelled() => cut_short(&cancel, decide.as_mut()).await,
             };
-            if matches!(verdict, Verdict::Release) {
-                self.release_claim(&held).await;
-            }
-            if probe.load(Relaxed) {
-                self.breaker.probe_abandoned();
-            }
+            self.undo_unsettled(&verdict, &held, &probe).await;
             self.settle(&d, verdict).await;
             self.metrics.in_flight.fetch_sub(1, Relaxed);
             self.metrics.observe(started.elapsed());
         }
         .instrument(span)
         .await
+    }
+
+    /// What a decision leaves behind, undone: the idempotency claim of a message going back
+    /// to the queue, and the breaker's probe when this message held it but no outcome reached
+    /// the breaker.
+    async fn undo_unsettled(&self, verdict: &Verdict, held: &HeldClaim, probe: &AtomicBool) {
+        if matches!(verdict, Verdict::Release) {
+            self.release_claim(held).await;
+        }
+        if probe.load(Relaxed) {
+            self.breaker.probe_abandoned();
+        }
     }
 
     /// The pipeline for one record of a Lambda invocation: the same decision as
@@ -438,21 +451,10 @@ where
             tokio::pin!(decide);
             let verdict = tokio::select! {
                 v = &mut decide => v,
-                // The invocation's time is up: tell the handler, then give the record back.
-                _ = tokio::time::sleep(budget.claim_lease) => {
-                    cancel.cancel();
-                    match tokio::time::timeout(CANCEL_GRACE, &mut decide).await {
-                        Ok(Verdict::Abandon) | Err(_) => Verdict::Release,
-                        Ok(v) => v,
-                    }
-                }
+                // The invocation's time is up.
+                _ = tokio::time::sleep(budget.claim_lease) => cut_short(&cancel, decide.as_mut()).await,
             };
-            if matches!(verdict, Verdict::Release) {
-                self.release_claim(&held).await;
-            }
-            if probe.load(Relaxed) {
-                self.breaker.probe_abandoned();
-            }
+            self.undo_unsettled(&verdict, &held, &probe).await;
             let report = match &verdict {
                 Verdict::Ack { duplicate } => {
                     inc(if *duplicate {
