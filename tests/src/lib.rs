@@ -241,25 +241,29 @@ pub mod rabbit {
     }
 
     fn queue_counts_in(vhost: &str, queue: &str) -> anyhow::Result<Option<(u64, u64)>> {
-        let listing = rabbitmqctl(&[
-            "list_queues",
-            "-p",
+        for row in list_queues(
             vhost,
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])?;
-        for line in listing.lines() {
-            let cols: Vec<&str> = line.split('\t').collect();
-            if let [name, ready, unacked] = cols[..] {
+            &["name", "messages_ready", "messages_unacknowledged"],
+        )? {
+            if let [name, ready, unacked] = &row[..] {
                 if name == queue {
-                    return Ok(Some((ready.trim().parse()?, unacked.trim().parse()?)));
+                    return Ok(Some((ready.parse()?, unacked.parse()?)));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// `rabbitmqctl list_queues` of one virtual host: a row of the given columns per queue,
+    /// each value trimmed.
+    pub fn list_queues(vhost: &str, columns: &[&str]) -> anyhow::Result<Vec<Vec<String>>> {
+        let mut args = vec!["list_queues", "-p", vhost, "-q", "--no-table-headers"];
+        args.extend_from_slice(columns);
+        Ok(rabbitmqctl(&args)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split('\t').map(|c| c.trim().to_owned()).collect())
+            .collect())
     }
 
     /// A virtual host of one test: its queues, and its connections (so that

@@ -80,6 +80,27 @@ fn deploy(stack: &str, template: &str, params: &[&str]) -> serde_json::Value {
     serde_json::from_str(&python(&args)).unwrap()
 }
 
+/// charge-payment's generated template deployed into moto (SQS, S3 and CloudFormation) as a
+/// new stack named after `prefix`, without the function and its mapping (moto cannot run
+/// them; see docs/deploy.md): its queues, bucket and alarms. Returns the stack's `Name`
+/// parameter and what cfn-deploy.py printed.
+fn deploy_charge_payment_without_function(prefix: &str) -> (String, serde_json::Value) {
+    sluice_tests::moto("SQS");
+    sluice_tests::moto("S3");
+    sluice_tests::moto("CLOUDFORMATION");
+    let name = unique(prefix);
+    let stack = deploy(
+        &name,
+        "infra/aws/charge-payment.json",
+        &[
+            &format!("Name={name}"),
+            "DeployFunction=false",
+            "CodeBucket=unused-without-function",
+        ],
+    );
+    (name, stack)
+}
+
 /// Messages waiting in a queue, read from SQS itself (not through Sluice).
 fn queue_depth(url: &str) -> u64 {
     let script = "import boto3, os, sys\n\
@@ -100,19 +121,7 @@ fn object_count(store_url: &str) -> u64 {
 
 #[test]
 fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_dlq() {
-    sluice_tests::moto("SQS");
-    sluice_tests::moto("S3");
-    sluice_tests::moto("CLOUDFORMATION");
-    let name = unique("infra-cp");
-    let stack = deploy(
-        &name,
-        "infra/aws/charge-payment.json",
-        &[
-            &format!("Name={name}"),
-            "DeployFunction=false",
-            "CodeBucket=unused-without-function",
-        ],
-    );
+    let (name, stack) = deploy_charge_payment_without_function("infra-cp");
     let created: Vec<&str> = stack["resources"]
         .as_array()
         .unwrap()
@@ -256,20 +265,8 @@ fn function_environment(outputs: &serde_json::Value) -> BTreeMap<String, String>
 
 #[test]
 fn the_lambda_build_with_the_templates_environment_drains_the_deployed_queue() {
-    sluice_tests::moto("SQS");
-    sluice_tests::moto("S3");
-    sluice_tests::moto("CLOUDFORMATION");
     sluice_tests::lambda::lambda_binary("charge-payment").expect("the Lambda build");
-    let name = unique("infra-lambda");
-    let stack = deploy(
-        &name,
-        "infra/aws/charge-payment.json",
-        &[
-            &format!("Name={name}"),
-            "DeployFunction=false",
-            "CodeBucket=unused-without-function",
-        ],
-    );
+    let (_, stack) = deploy_charge_payment_without_function("infra-lambda");
     let outputs = &stack["outputs"];
     let env = function_environment(outputs);
     // The template's ledger is /tmp/ledger.db (Lambda's only writable place); this test

@@ -450,43 +450,18 @@ async fn with_declaring_off_a_missing_topology_is_named() {
 }
 
 fn queue_names(vhost: &str) -> BTreeSet<String> {
-    rabbitmqctl(&[
-        "list_queues",
-        "-p",
-        vhost,
-        "-q",
-        "--no-table-headers",
-        "name",
-    ])
-    .unwrap()
-    .lines()
-    .map(|l| l.trim().to_owned())
-    .filter(|l| !l.is_empty())
-    .collect()
+    rabbit::list_queues(vhost, &["name"])
+        .unwrap()
+        .into_iter()
+        .map(|row| row[0].clone())
+        .collect()
 }
 
 /// Queue name -> the policy applied to it (empty: none), as the broker sees it.
 fn queue_policies(vhost: &str) -> BTreeMap<String, String> {
-    rabbitmqctl(&[
-        "list_queues",
-        "-p",
-        vhost,
-        "-q",
-        "--no-table-headers",
-        "name",
-        "policy",
-    ])
-    .unwrap()
-    .lines()
-    .filter_map(|l| {
-        let mut cols = l.split('\t');
-        let name = cols.next()?.trim();
-        (!name.is_empty()).then(|| {
-            (
-                name.to_owned(),
-                cols.next().unwrap_or_default().trim().to_owned(),
-            )
-        })
-    })
-    .collect()
+    rabbit::list_queues(vhost, &["name", "policy"])
+        .unwrap()
+        .into_iter()
+        .map(|row| (row[0].clone(), row.get(1).cloned().unwrap_or_default()))
+        .collect()
 }
