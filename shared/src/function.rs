@@ -1,37 +1,75 @@
 //! A function: a name, a handler, its baked-in `sluice.toml`, and how it finds idempotency
-//! keys and accepted schema versions. `main` is three lines over this builder.
+//! keys and accepted schema versions. `main` (in `app.rs`) is three lines over this builder.
+//!
+//! The builder is generic over the handler; [`Function::into_definition`] erases it once
+//! (`job.rs`), so everything after it (CLI, Lambda mode, worker, probes) is plain code.
 
-use std::{any::Any, future::Future, marker::PhantomData, pin::Pin, process::ExitCode, sync::Arc};
+use std::{any::Any, future::Future, marker::PhantomData, pin::Pin, sync::Arc};
 
 use serde::de::DeserializeOwned;
 
 use crate::{
-    breaker::CircuitBreaker,
     config::Settings,
     error::{Error, Result},
     handler::Handler,
-    ratelimit::RateLimiter,
-    retry::RetryPolicy,
-    store::{front::StoreFront, AnyStore},
-    telemetry::Metrics,
-    transport::AnyTransport,
-    worker::{KeyFn, Runtime},
+    job::{Bound, Job, KeyFn},
+    store::front::StoreFront,
+    telemetry::health::Health,
+    transport::{AnyTransport, Purpose},
+    worker::{self, Runtime},
 };
 
 type StateInit<S> =
     Box<dyn FnOnce(Settings) -> Pin<Box<dyn Future<Output = anyhow::Result<S>> + Send>> + Send>;
 
+/// Builds the job from the settings: runs the function's state initializer.
+type Binder =
+    Box<dyn FnOnce(Settings) -> Pin<Box<dyn Future<Output = Result<Arc<dyn Job>>> + Send>> + Send>;
+
 /// A function definition.
+///
+/// ```no_run
+/// use serde::{Deserialize, Serialize};
+/// use sluice::{Context, Function, HandlerError};
+///
+/// #[derive(Deserialize)]
+/// struct Order { id: String, total_cents: u64 }
+///
+/// #[derive(Serialize)]
+/// struct Accepted { id: String }
+///
+/// async fn accept(order: Order, _ctx: &Context) -> Result<Accepted, HandlerError> {
+///     if order.total_cents == 0 {
+///         return Err(HandlerError::permanent("an order of nothing"));
+///     }
+///     Ok(Accepted { id: order.id })
+/// }
+///
+/// fn main() -> std::process::ExitCode {
+///     Function::new("accept-order", accept)
+///         .idempotency_key(|o: &Order| o.id.clone())
+///         .schema_versions(&["1"])
+///         .main()
+/// }
+/// ```
 pub struct Function<T, S, H> {
-    pub(crate) name: String,
-    pub(crate) handler: H,
-    pub(crate) config_toml: Option<&'static str>,
-    pub(crate) key_fn: Option<KeyFn<T>>,
-    pub(crate) schema_versions: Vec<String>,
-    pub(crate) init: Option<StateInit<S>>,
-    /// Probe state, shared by the runtime and the `telemetry.listen` server (serve.rs).
-    pub(crate) health: Arc<crate::serve::Health>,
+    name: String,
+    handler: H,
+    config_toml: Option<&'static str>,
+    key_fn: Option<KeyFn<T>>,
+    schema_versions: Vec<String>,
+    init: Option<StateInit<S>>,
     _t: PhantomData<fn() -> T>,
+}
+
+/// A function with its handler erased: what the CLI and Lambda mode run.
+pub(crate) struct Definition {
+    pub(crate) name: String,
+    pub(crate) config_toml: Option<&'static str>,
+    pub(crate) schema_versions: Vec<String>,
+    /// Probe state, shared by the worker and the `telemetry.listen` server.
+    pub(crate) health: Arc<Health>,
+    bind: Binder,
 }
 
 impl<T, S, H> Function<T, S, H>
@@ -49,7 +87,6 @@ where
             key_fn: None,
             schema_versions: Vec::new(),
             init: None,
-            health: Arc::default(),
             _t: PhantomData,
         }
     }
@@ -75,7 +112,8 @@ where
         self
     }
 
-    /// Builds the shared state (clients, pools) once at start-up from the settings.
+    /// Builds the shared state (clients, pools) from the settings, once, before the first
+    /// message (`run`, `invoke` and Lambda mode only: the other commands do not run it).
     pub fn state<F, Fut>(mut self, init: F) -> Self
     where
         F: FnOnce(Settings) -> Fut + Send + 'static,
@@ -90,19 +128,60 @@ where
         &self.name
     }
 
-    /// Parses the command line and runs the chosen command; returns the process exit code.
-    /// Under a Lambda runtime (`AWS_LAMBDA_RUNTIME_API` set, feature `lambda`) it serves SQS
-    /// events instead.
-    pub fn main(self) -> ExitCode {
-        #[cfg(feature = "lambda")]
-        if crate::lambda::in_lambda() {
-            return crate::lambda::main(self);
-        }
-        crate::cli::main(self)
+    /// Builds the worker in this process: runs the state initializer, opens the transport
+    /// (creating missing queues when `transport.declare` is on) and the idempotency store.
+    /// What `run` does before its intake loop; for tests and benchmarks.
+    pub async fn build(self, settings: Settings) -> Result<Runtime> {
+        self.into_definition().open(settings).await
     }
 
-    /// Loads settings with the given layers.
-    pub fn load_settings(
+    /// Erases the handler's types: what the CLI and Lambda mode run.
+    pub(crate) fn into_definition(self) -> Definition {
+        let name = self.name.clone();
+        let (handler, key_fn, init) = (self.handler, self.key_fn, self.init);
+        let bind: Binder = Box::new(move |settings| {
+            Box::pin(async move {
+                let state = match init {
+                    Some(init) => init(settings).await.map_err(|e| {
+                        // A settings error from `Settings::app` already names its key.
+                        match e.downcast::<Error>() {
+                            Ok(Error::Config(msg)) => Error::Config(msg),
+                            Ok(other) => {
+                                Error::Config(format!("{name} start-up: {}", other.report()))
+                            }
+                            Err(e) => Error::Config(format!("{name} start-up: {e:#}")),
+                        }
+                    })?,
+                    None => *(Box::new(()) as Box<dyn Any>)
+                        .downcast::<S>()
+                        .map_err(|_| {
+                            Error::Config(format!(
+                                "function {name} has a state type but no .state(...) initializer"
+                            ))
+                        })?,
+                };
+                let job: Arc<dyn Job> = Arc::new(Bound {
+                    handler,
+                    state: Arc::new(state),
+                    key_fn,
+                });
+                Ok(job)
+            })
+        });
+        Definition {
+            name: self.name,
+            config_toml: self.config_toml,
+            schema_versions: self.schema_versions,
+            health: Arc::default(),
+            bind,
+        }
+    }
+}
+
+impl Definition {
+    /// Loads settings with the given layers: the baked-in (or `--config`) file, the
+    /// environment, then `--set` overrides.
+    pub(crate) fn load_settings(
         &self,
         config_file: Option<&str>,
         overrides: &[String],
@@ -115,50 +194,52 @@ where
         )
     }
 
-    /// Builds the runtime: opens the transport and the store, builds the state.
-    pub async fn build(self, settings: Settings) -> Result<Runtime<T, S, H>> {
-        let state = match self.init {
-            Some(init) => init(settings.clone()).await.map_err(|e| {
-                // A settings error from `Settings::app` already names its key.
-                match e.downcast::<Error>() {
-                    Ok(Error::Config(msg)) => Error::Config(msg),
-                    Ok(other) => Error::Config(format!("{} start-up: {other}", self.name)),
-                    Err(e) => Error::Config(format!("{} start-up: {e:#}", self.name)),
-                }
-            })?,
-            None => *(Box::new(()) as Box<dyn Any>)
-                .downcast::<S>()
-                .map_err(|_| {
-                    Error::Config(format!(
-                        "function {} has a state type but no .state(...) initializer",
-                        self.name
-                    ))
-                })?,
-        };
-        let transport = AnyTransport::open(&self.name, &settings).await?;
-        let store = AnyStore::open(&settings).await?.map(|s| {
-            StoreFront::new(
-                s,
-                settings.store.cache_entries,
-                settings.store.ttl,
-                settings.store.timeout,
-            )
-        });
-        Ok(Runtime {
-            function: self.name,
-            policy: RetryPolicy::new(settings.retry.clone()),
-            breaker: CircuitBreaker::new(settings.breaker.clone()),
-            limiter: RateLimiter::new(&settings.rate_limit),
+    /// Runs the state initializer and binds the handler to its state.
+    pub(crate) async fn bind(self, settings: Settings) -> Result<(DefinitionParts, Arc<dyn Job>)> {
+        let job = (self.bind)(settings).await?;
+        Ok((
+            DefinitionParts {
+                name: self.name,
+                schema_versions: self.schema_versions,
+                health: self.health,
+            },
+            job,
+        ))
+    }
+}
+
+impl Definition {
+    /// What `run` opens: the state initializer, the transport for work, the store.
+    pub(crate) async fn open(self, settings: Settings) -> Result<Runtime> {
+        self.open_as(settings, Purpose::Work).await
+    }
+
+    /// What Lambda mode opens: the same, but the trigger's queue is never created (the
+    /// deployment made it).
+    #[cfg(feature = "lambda")]
+    pub(crate) async fn open_for_lambda(self, settings: Settings) -> Result<Runtime> {
+        self.open_as(settings, Purpose::Admin).await
+    }
+
+    async fn open_as(self, settings: Settings, purpose: Purpose) -> Result<Runtime> {
+        let (parts, job) = self.bind(settings.clone()).await?;
+        let transport = AnyTransport::open(&parts.name, &settings, purpose).await?;
+        let store = StoreFront::open(&settings).await?;
+        Ok(Runtime::new(worker::Parts {
+            function: parts.name,
+            schema_versions: parts.schema_versions,
+            health: parts.health,
             settings,
             transport,
             store,
-            handler: self.handler,
-            state: Arc::new(state),
-            key_fn: self.key_fn,
-            schema_versions: self.schema_versions,
-            metrics: Metrics::default(),
-            health: self.health,
-            _input: PhantomData,
-        })
+            job,
+        }))
     }
+}
+
+/// What is left of a definition once its job is bound.
+pub(crate) struct DefinitionParts {
+    pub(crate) name: String,
+    pub(crate) schema_versions: Vec<String>,
+    pub(crate) health: Arc<Health>,
 }

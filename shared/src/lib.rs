@@ -27,29 +27,41 @@
 //!
 //! # Layout
 //!
-//! - [`handler`]: what authors write against: [`HandlerError`] and its class, [`Context`].
-//! - [`function`]: the [`Function`] builder (`main` is three lines over it).
-//! - [`worker`]: the intake loop and the per-message pipeline (DESIGN.md "flow of one message").
-//! - [`transport`]: the [`Transport`] contract and one module per broker: `embedded` (SQLite
-//!   queue), `rabbitmq`, `sqs`.
+//! What authors write against:
+//! - [`handler`]: [`HandlerError`] and its class, [`Context`], the [`Handler`] trait.
+//! - [`function`]: the [`Function`] builder; [`app`] owns `Function::main`, the exit codes and
+//!   the async runtime, and chooses the CLI (`cli`) or Lambda mode (`lambda`).
+//!
+//! The runtime:
+//! - `job`: the handler with its types erased, once, where the function is built.
+//! - [`worker`]: the intake loop and the per-message pipeline (docs/architecture.md).
+//! - [`transport`]: the [`Transport`] contract and one folder per broker: `embedded` (SQLite
+//!   queue), `rabbitmq`, `sqs`; [`topology`] is RabbitMQ's topology as plain data.
+//! - [`envelope`]: what Sluice adds to a message, one meaning on every transport, checked
+//!   when read; [`dead_letter`] and [`dlq`]: dead letters and the operations on them, once for
+//!   every transport; [`lease`] and `batch`: the local lease clock and request batching.
 //! - [`store`]: the [`IdempotencyStore`] contract, one module per backend (`sqlite`, `postgres`,
 //!   `redis`, `s3`) and `front` (the claim batcher, timeouts and the completed-key cache).
 //! - [`retry`], [`breaker`], [`ratelimit`]: policies as plain values.
 //! - [`config`]: layered settings (defaults < `sluice.toml` < `SLUICE__*` env < `--set`).
-//! - [`message`]: bytes + headers, failure history, dead letters.
-//! - [`telemetry`]: JSON logs and per-process counters.
-//! - [`serve`]: `/healthz`, `/readyz` and `/metrics` of `run` when `telemetry.listen` is set.
-//! - [`cli`]: the command line every function gets.
-//! - `lambda` (feature `lambda`): SQS events through the same pipeline under `lambda_runtime`.
+//! - [`message`]: deliveries (bytes, headers, envelope, typed receipt) and what is sent.
+//! - [`telemetry`]: JSON logs, the panic hook, per-process counters, probe state; [`serve`]:
+//!   `/healthz`, `/readyz` and `/metrics` of `run` when `telemetry.listen` is set.
+//! - [`error`], [`time`], [`text`], [`sync`]: errors with their causes, wire times, cut texts,
+//!   a mutex a panic cannot poison.
 //! - `conformance` (feature `conformance`): the suites every adapter and store must pass.
+//!
+//! `scripts/check-modules.py` keeps the module graph free of cycles.
 //!
 //! # Features
 //!
 //! One per backend, so a binary links only what it uses: `embedded` (default: the SQLite queue
 //! and store), `rabbitmq` (lapin), `sqs` (aws-sdk-sqs), `lambda` (lambda_runtime and only the SQS
 //! event types of aws_lambda_events; implies `sqs`), `postgres` (tokio-postgres + deadpool),
-//! `redis`, `s3` (aws-sdk-s3), `conformance`. A Lambda build (`--no-default-features --features
-//! lambda`) links no lapin.
+//! `redis`, `s3` (aws-sdk-s3), `conformance`; and `faults` (the `[fault]` settings: injected
+//! failures, latency, panics, crashes and poison, for demos, drills and tests; a binary built
+//! without it refuses a `fault.*` key at start). A Lambda build (`--no-default-features
+//! --features lambda`) links no lapin.
 //!
 //! # Dependencies
 //!
@@ -59,33 +71,47 @@
 //! tokio's blocking pool), `clap` for the CLI, `hdrhistogram` for latency percentiles,
 //! `serde_path_to_error` so a bad setting names its key, `humantime-serde` for durations such
 //! as `"30s"`, `sha2` for payload fingerprints, `tokio-util` for cancellation tokens,
-//! `futures-util` for catching handler panics without a task per try; for the stores
+//! `futures-util` for catching handler panics without a task per try, `base64` (already in
+//! every Lambda build through lambda_runtime) for SQS bodies that are not text; for the stores
 //! `tokio-postgres` with `deadpool-postgres` (no macros or compile-time database, unlike sqlx:
 //! light to build), `redis` (the maintained client, with its reconnecting connection manager)
 //! and `aws-sdk-s3`.
 
 #![warn(missing_docs)]
 
+pub mod app;
+mod batch;
 pub mod breaker;
-pub mod cli;
+mod cli;
 pub mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod dead_letter;
+pub mod dlq;
+pub mod envelope;
 pub mod error;
 pub mod function;
 pub mod handler;
+mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod lease;
 pub mod message;
 pub mod ratelimit;
 pub mod retry;
 pub mod serve;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
+pub mod text;
+pub mod time;
+pub mod topology;
 pub mod transport;
 pub mod worker;
 
 pub use config::Settings;
+pub use dead_letter::DeadLetter;
+pub use envelope::Envelope;
 pub use error::{Error, Result};
 pub use function::Function;
 pub use handler::{Context, ErrorKind, Handler, HandlerError};

@@ -1,16 +1,21 @@
 //! Messages as bytes plus headers; serde happens at the edges (the pipeline), not here.
+//!
+//! A [`Delivery`] keeps three things apart: the producer's body and headers, the
+//! [`Envelope`] Sluice carried with the message, and the transport's typed [`Receipt`].
 
 use std::{
     collections::BTreeMap,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use crate::envelope::{Envelope, Failure, FailureClass};
 
 /// Message headers (lower-case names). Ordered so that output and fingerprints are stable.
 pub type Headers = BTreeMap<String, String>;
 
-/// Header names that Sluice reads. The failure-history names are the same on every transport.
+/// Header names that producers set and Sluice reads.
 pub mod header {
     /// Idempotency key chosen by the producer; wins over a key derived from the payload.
     pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -24,25 +29,12 @@ pub mod header {
     pub const CONTENT_TYPE: &str = "content-type";
     /// Producer's correlation id, copied into logs.
     pub const CORRELATION_ID: &str = "correlation-id";
-    /// Prefix of every header owned by Sluice. Producers may not set these: a message that
-    /// arrives with one it was not given by Sluice is treated as forged (bad input).
+    /// Prefix of every name owned by Sluice (the envelope's fields, `crate::envelope::field`).
+    /// Producers may not set these: a message that arrives with one as a producer header is
+    /// treated as forged (bad input).
     pub const RESERVED_PREFIX: &str = "sluice-";
     /// Prefix of free-form application headers.
     pub const APP_PREFIX: &str = "x-";
-    /// Failure history on dead-lettered copies.
-    pub const FUNCTION: &str = "sluice-function";
-    /// `transient`, `permanent` or `crash_loop`.
-    pub const ERROR_CLASS: &str = "sluice-error-class";
-    /// Last error text.
-    pub const LAST_ERROR: &str = "sluice-last-error";
-    /// Deliveries made before dead-lettering.
-    pub const ATTEMPTS: &str = "sluice-attempts";
-    /// RFC 3339 time of the first failure.
-    pub const FIRST_FAILURE_AT: &str = "sluice-first-failure-at";
-    /// RFC 3339 time of the last failure.
-    pub const LAST_FAILURE_AT: &str = "sluice-last-failure-at";
-    /// The queue the message was dead-lettered from.
-    pub const ORIGINAL_QUEUE: &str = "sluice-original-queue";
 
     /// Headers a producer may set besides `x-*` ones.
     pub const KNOWN: [&str; 6] = [
@@ -64,6 +56,8 @@ pub struct OutgoingMessage {
     pub headers: Headers,
     /// Hide the message for this long after publishing.
     pub delay: Duration,
+    /// What Sluice sends with it (trace context, workflow slip); empty for a plain send.
+    pub envelope: Envelope,
 }
 
 impl OutgoingMessage {
@@ -88,128 +82,108 @@ impl OutgoingMessage {
     }
 }
 
+/// How a transport settles one delivery: its own typed handle, never a string formatted on
+/// receive and parsed on settle. Opaque outside the crate; a receipt given to another
+/// transport's adapter is refused with [`crate::Error::Invalid`].
+#[derive(Debug, Clone)]
+pub struct Receipt(pub(crate) ReceiptKind);
+
+#[derive(Debug, Clone)]
+pub(crate) enum ReceiptKind {
+    /// Not from a transport (`invoke`, tests): settling it is refused.
+    Detached,
+    /// Embedded: the row and the lease token written with the lease.
+    #[cfg(feature = "embedded")]
+    Embedded { seq: i64, token: i64 },
+    /// RabbitMQ: the handle, connection generation, channel and delivery tag.
+    #[cfg(feature = "rabbitmq")]
+    Rabbitmq(RabbitKey),
+    /// SQS: the receipt handle and what settling needs besides it.
+    #[cfg(feature = "sqs")]
+    Sqs(Box<SqsReceipt>),
+}
+
+/// The lease key of a RabbitMQ delivery.
+#[cfg(feature = "rabbitmq")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RabbitKey {
+    pub(crate) handle: u32,
+    pub(crate) generation: u64,
+    pub(crate) channel: u16,
+    pub(crate) tag: u64,
+}
+
+/// What an SQS delivery is settled with.
+#[cfg(feature = "sqs")]
+#[derive(Debug, Clone)]
+pub(crate) struct SqsReceipt {
+    /// The receipt handle.
+    pub(crate) handle: String,
+    /// The SQS message id of this copy (copies get new ones).
+    pub(crate) message_id: String,
+    /// Wall-clock end of the lease of the receive (another handle's deliveries).
+    pub(crate) lease_until_ms: i64,
+    /// Wall-clock time of the receive.
+    pub(crate) received_ms: i64,
+    /// FIFO message group.
+    pub(crate) group: Option<String>,
+    /// `AWSTraceHeader`, re-sent as a system attribute on copies.
+    pub(crate) trace: Option<String>,
+}
+
+impl Receipt {
+    /// A receipt no transport settles (for `invoke` and unit tests).
+    pub fn detached() -> Self {
+        Receipt(ReceiptKind::Detached)
+    }
+}
+
 /// A leased message, as a transport hands it to the pipeline.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// Transport-assigned message id (stable across redeliveries).
+    /// The message id (stable across redeliveries and copies).
     pub id: String,
     /// The payload bytes exactly as published.
     pub body: Vec<u8>,
-    /// Headers as published (adapters strip their own bookkeeping).
+    /// Producer headers (transports strip their own bookkeeping and the envelope).
     pub headers: Headers,
     /// 1 on the first delivery; counts every delivery, also those that crashed.
     pub attempt: u32,
-    /// When the message was first published.
-    pub enqueued_at: SystemTime,
-    /// Time of the first failure of this message, if an earlier delivery failed.
-    pub first_failure_at: Option<SystemTime>,
-    /// Opaque adapter handle for settling this delivery (lease token, receipt handle).
-    pub receipt: String,
+    /// What Sluice carried with the message.
+    pub envelope: Envelope,
+    /// Set when the message looks like one of Sluice's copies but its envelope is malformed:
+    /// the envelope was not believed (it is empty here) and the pipeline dead-letters the
+    /// message as bad input with this reason.
+    pub defect: Option<Rejection>,
+    /// The transport's handle for settling this delivery.
+    pub receipt: Receipt,
 }
 
-/// How a failure is classified on the dead-letter queue (and for `redrive --error-class`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureClass {
-    /// Retried until the delivery limit ran out.
-    Transient,
-    /// Bad input or a business rejection: dead-lettered at once.
-    Permanent,
-    /// Delivered too many times without ever being settled (the worker kept dying).
-    #[value(name = "crash_loop")]
-    CrashLoop,
-}
-
-impl FailureClass {
-    /// The wire name (`transient`, `permanent`, `crash_loop`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureClass::Transient => "transient",
-            FailureClass::Permanent => "permanent",
-            FailureClass::CrashLoop => "crash_loop",
-        }
+impl Delivery {
+    /// When the message was first published (the receive time when no transport said).
+    pub fn enqueued_at(&self) -> SystemTime {
+        self.envelope.enqueued_at.unwrap_or_else(SystemTime::now)
     }
 
-    /// Parses the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "transient" => Some(FailureClass::Transient),
-            "permanent" => Some(FailureClass::Permanent),
-            "crash_loop" => Some(FailureClass::CrashLoop),
-            _ => None,
-        }
+    /// Time of the first failure, if an earlier delivery failed.
+    pub fn first_failure_at(&self) -> Option<SystemTime> {
+        self.envelope.first_failure_at()
     }
-}
 
-/// One failure of one delivery, recorded on retry and on dead-lettering.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// Class of the failure.
-    pub class: FailureClass,
-    /// Human-readable reason (handler error text, decode error, ...).
-    pub reason: String,
-    /// When it happened.
-    pub at: SystemTime,
-}
-
-impl Failure {
-    /// A failure that happened now.
-    pub fn now(class: FailureClass, reason: impl Into<String>) -> Self {
+    /// A delivery of `body` with no transport behind it (`invoke`, unit tests).
+    pub fn detached(id: impl Into<String>, body: Vec<u8>, headers: Headers) -> Self {
         Self {
-            class,
-            reason: reason.into(),
-            at: SystemTime::now(),
+            id: id.into(),
+            body,
+            headers,
+            attempt: 1,
+            envelope: Envelope {
+                enqueued_at: Some(SystemTime::now()),
+                ..Envelope::default()
+            },
+            defect: None,
+            receipt: Receipt::detached(),
         }
-    }
-}
-
-/// A dead-lettered message with its failure history.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetter {
-    /// Id of the message (the same id it had on the work queue).
-    pub id: String,
-    /// Deliveries made before it was dead-lettered.
-    pub attempts: u32,
-    /// Class of the last failure.
-    pub error_class: FailureClass,
-    /// Text of the last failure.
-    pub last_error: String,
-    /// The body as UTF-8, when it is valid UTF-8.
-    pub body: Option<String>,
-    /// The body in hex, when it is not valid UTF-8 (so nothing is lost in JSON output).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub body_hex: Option<String>,
-    /// Producer headers.
-    pub headers: Headers,
-    /// Function that failed it.
-    pub function: String,
-    /// Queue it came from.
-    pub original_queue: String,
-    /// RFC 3339 time of the first failure.
-    pub first_failure_at: String,
-    /// RFC 3339 time of the last failure.
-    pub last_failure_at: String,
-    /// How many times it was redriven before.
-    pub redriven: u32,
-    /// The raw body bytes.
-    #[serde(skip)]
-    pub raw_body: Vec<u8>,
-}
-
-impl DeadLetter {
-    /// Fills `body`/`body_hex` from raw bytes.
-    pub fn set_body(&mut self, raw: Vec<u8>) {
-        match String::from_utf8(raw.clone()) {
-            Ok(s) => {
-                self.body = Some(s);
-                self.body_hex = None;
-            }
-            Err(_) => {
-                self.body = None;
-                self.body_hex = Some(hex::encode(&raw));
-            }
-        }
-        self.raw_body = raw;
     }
 }
 
@@ -242,16 +216,21 @@ pub struct RedriveFilter {
     pub error_class: Option<FailureClass>,
     /// List what would move, move nothing.
     pub dry_run: bool,
+    /// At most this many messages per second (spares a downstream that just recovered).
+    pub rate: Option<f64>,
 }
 
-/// Checks a body and its headers against the limits and the header rules; on failure returns
-/// a short label (for metrics) and the reason. The worker runs it on every delivery (bad input
-/// is dead-lettered) and `send` before publishing (bad input is refused).
-pub fn check_envelope(
+/// Why a message is bad input: a short label (for metrics) and the reason in words.
+pub type Rejection = (&'static str, String);
+
+/// Checks a body and its producer headers against the limits and the header rules. The
+/// worker runs it on every delivery (bad input is dead-lettered) and `send` before publishing
+/// (bad input is refused).
+pub fn check_input(
     body: &[u8],
     headers: &Headers,
     limits: &crate::config::LimitSettings,
-) -> Result<(), (&'static str, String)> {
+) -> Result<(), Rejection> {
     if body.len() > limits.max_body_bytes {
         return Err((
             "oversized body",
@@ -296,22 +275,15 @@ pub fn check_envelope(
             ));
         }
     }
+    if headers
+        .get(header::IDEMPOTENCY_KEY)
+        .is_some_and(String::is_empty)
+    {
+        return Err((
+            "empty idempotency key",
+            "the idempotency-key header is empty (leave it out to use the function's own key)"
+                .into(),
+        ));
+    }
     Ok(())
-}
-
-/// Milliseconds since the Unix epoch (what the embedded backends store).
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// The inverse of [`unix_ms`].
-pub fn from_unix_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
-}
-
-/// RFC 3339 with milliseconds, UTC.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }

@@ -19,198 +19,27 @@
 use std::{
     fmt::Write as _,
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc, OnceLock, Weak,
-    },
-    time::{Duration, Instant},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
 };
 
-use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     breaker::BreakerState,
-    config::Settings,
     error::{Error, Result},
-    handler::Handler,
-    telemetry::Metrics,
-    worker::Runtime,
+    telemetry::{health::Health, Metrics},
 };
 
 /// The largest request head read; probes and scrapers send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// The part of the stall window that is not derived from settings: slack for a busy machine.
-const STALL_SLACK: Duration = Duration::from_secs(60);
 /// The latency quantiles exported.
 const QUANTILES: [f64; 3] = [0.5, 0.95, 0.99];
-
-/// What the worker reports to the listener. Created with the [`crate::Function`], shared with
-/// its runtime; the listener may start before the runtime exists (transport and store still
-/// opening), when it answers alive but not ready.
-#[derive(Default)]
-pub struct Health {
-    started: OnceLock<Instant>,
-    /// Milliseconds since `started` at the intake loop's last turn.
-    last_tick_ms: AtomicU64,
-    intake: OnceLock<Intake>,
-    stopped: AtomicBool,
-}
-
-struct Intake {
-    shutdown: CancellationToken,
-    concurrency: u64,
-    stall_after: Duration,
-    source: Weak<dyn Source>,
-}
-
-/// The runtime as the listener reads it (a weak reference: the runtime owns the health, and
-/// the listener must not keep the runtime alive).
-trait Source: Send + Sync {
-    fn function(&self) -> &str;
-    fn metrics(&self) -> &Metrics;
-    fn breaker(&self) -> BreakerState;
-}
-
-impl<T, S, H> Source for Runtime<T, S, H>
-where
-    T: DeserializeOwned + Send + 'static,
-    S: Send + Sync + 'static,
-    H: for<'a> Handler<'a, T, S>,
-{
-    fn function(&self) -> &str {
-        &self.function
-    }
-    fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-    fn breaker(&self) -> BreakerState {
-        self.breaker_state()
-    }
-}
-
-impl std::fmt::Debug for Health {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Health")
-            .field("running", &self.intake.get().is_some())
-            .field("stopped", &self.stopped.load(Relaxed))
-            .finish()
-    }
-}
-
-/// The longest the intake loop may legitimately go without a turn: a receive long poll
-/// (twice, for a slow broker), the longest receive-error backoff, one rate-limit token.
-pub fn stall_window(settings: &Settings) -> Duration {
-    let token = if settings.rate_limit.per_second > 0.0 {
-        Duration::from_secs_f64((1.0 / settings.rate_limit.per_second).min(3600.0))
-    } else {
-        Duration::ZERO
-    };
-    STALL_SLACK + settings.transport.wait * 2 + settings.retry.cap + token
-}
-
-impl Health {
-    fn now_ms(&self) -> u64 {
-        self.started.get_or_init(Instant::now).elapsed().as_millis() as u64
-    }
-
-    /// The intake loop of `rt` starts (called once by `Runtime::run`).
-    pub(crate) fn intake_started<T, S, H>(
-        &self,
-        rt: &Arc<Runtime<T, S, H>>,
-        shutdown: &CancellationToken,
-    ) where
-        T: DeserializeOwned + Send + 'static,
-        S: Send + Sync + 'static,
-        H: for<'a> Handler<'a, T, S>,
-    {
-        self.tick();
-        let source: Arc<dyn Source> = rt.clone();
-        let _ = self.intake.set(Intake {
-            shutdown: shutdown.clone(),
-            concurrency: rt.settings.worker.concurrency as u64,
-            stall_after: stall_window(&rt.settings),
-            source: Arc::downgrade(&source),
-        });
-    }
-
-    /// One turn of the intake loop.
-    pub(crate) fn tick(&self) {
-        self.last_tick_ms.store(self.now_ms(), Relaxed);
-    }
-
-    /// The intake loop returned (in-flight work done or returned to the queue).
-    pub(crate) fn intake_stopped(&self) {
-        self.stopped.store(true, Relaxed);
-    }
-
-    /// `/readyz`: the status and why.
-    fn readiness(&self) -> (bool, &'static str) {
-        match self.intake.get() {
-            None => (false, "starting"),
-            Some(_) if self.stopped.load(Relaxed) => (false, "stopped"),
-            Some(i) if i.shutdown.is_cancelled() => (false, "draining"),
-            Some(_) => (true, "ready"),
-        }
-    }
-
-    /// `/healthz`: the status and why.
-    fn liveness(&self) -> (bool, String) {
-        let Some(intake) = self.intake.get() else {
-            return (true, "starting".into());
-        };
-        if self.stopped.load(Relaxed) || intake.shutdown.is_cancelled() {
-            return (true, "stopping".into());
-        }
-        let idle = Duration::from_millis(
-            self.now_ms()
-                .saturating_sub(self.last_tick_ms.load(Relaxed)),
-        );
-        let busy = intake
-            .source
-            .upgrade()
-            .is_some_and(|s| s.metrics().in_flight.load(Relaxed) >= intake.concurrency);
-        if idle <= intake.stall_after || busy {
-            (true, "alive".into())
-        } else {
-            (
-                false,
-                format!(
-                    "intake loop stalled: no turn for {idle:?} (window {:?})",
-                    intake.stall_after
-                ),
-            )
-        }
-    }
-
-    /// `/metrics`: the exposition text.
-    fn metrics_text(&self) -> String {
-        let mut out = String::new();
-        let source = self.intake.get().and_then(|i| i.source.upgrade());
-        if let Some(s) = &source {
-            render(s.function(), s.metrics(), s.breaker(), &mut out);
-        }
-        let ready = u8::from(self.readiness().0);
-        let label = source
-            .as_ref()
-            .map(|s| format!("{{function=\"{}\"}}", escape(s.function())))
-            .unwrap_or_default();
-        metric(
-            &mut out,
-            "sluice_ready",
-            "gauge",
-            "1 when /readyz answers 200.",
-        );
-        let _ = writeln!(out, "sluice_ready{label} {ready}");
-        out
-    }
-}
 
 /// Binds `telemetry.listen` and serves the probes and metrics until the process exits.
 /// Called before the transport and store are opened, so a pod is alive (not ready) while
@@ -304,7 +133,7 @@ fn route(method: &str, path: &str, health: &Health) -> (&'static str, &'static s
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            health.metrics_text(),
+            metrics_text(health),
         ),
         _ => (
             "404 Not Found",
@@ -312,6 +141,28 @@ fn route(method: &str, path: &str, health: &Health) -> (&'static str, &'static s
             "try /healthz, /readyz or /metrics\n".into(),
         ),
     }
+}
+
+/// `/metrics`: the exposition text.
+fn metrics_text(health: &Health) -> String {
+    let mut out = String::new();
+    let source = health.source();
+    if let Some(s) = &source {
+        render(s.function(), s.metrics(), s.breaker(), &mut out);
+    }
+    let ready = u8::from(health.readiness().0);
+    let label = source
+        .as_ref()
+        .map(|s| format!("{{function=\"{}\"}}", escape(s.function())))
+        .unwrap_or_default();
+    metric(
+        &mut out,
+        "sluice_ready",
+        "gauge",
+        "1 when /readyz answers 200.",
+    );
+    let _ = writeln!(out, "sluice_ready{label} {ready}");
+    out
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -457,7 +308,7 @@ mod tests {
     #[test]
     fn listen_key_parses_and_a_bad_value_names_the_key() {
         let load = |v: &str| {
-            Settings::load(
+            crate::config::Settings::load(
                 "fn-a",
                 Some(&format!("[telemetry]\nlisten = \"{v}\"\n")),
                 std::iter::empty(),
@@ -471,54 +322,5 @@ mod tests {
         );
         let err = load("localhost").unwrap_err().to_string();
         assert!(err.contains("telemetry.listen"), "{err}");
-    }
-
-    #[test]
-    fn readiness_follows_the_intake_and_the_shutdown_token() {
-        let h = Health::default();
-        assert_eq!(h.readiness(), (false, "starting"));
-        assert!(h.liveness().0);
-        let shutdown = CancellationToken::new();
-        let dead: Weak<dyn Source> = Weak::<Runtime<(), (), Noop>>::new();
-        let _ = h.intake.set(Intake {
-            shutdown: shutdown.clone(),
-            concurrency: 1,
-            stall_after: Duration::ZERO,
-            source: dead,
-        });
-        h.tick();
-        assert_eq!(h.readiness(), (true, "ready"));
-        shutdown.cancel();
-        assert_eq!(h.readiness(), (false, "draining"));
-        h.intake_stopped();
-        assert_eq!(h.readiness(), (false, "stopped"));
-    }
-
-    #[test]
-    fn liveness_fails_when_the_intake_loop_stops_turning() {
-        let h = Health::default();
-        let _ = h.intake.set(Intake {
-            shutdown: CancellationToken::new(),
-            concurrency: 1,
-            stall_after: Duration::from_millis(30),
-            source: Weak::<Runtime<(), (), Noop>>::new(),
-        });
-        h.tick();
-        assert!(h.liveness().0);
-        // Waits out the window itself, the thing under test (not a race with another task).
-        std::thread::sleep(Duration::from_millis(80));
-        let (alive, why) = h.liveness();
-        assert!(!alive && why.contains("stalled"), "{why}");
-        h.tick();
-        assert!(h.liveness().0);
-    }
-
-    struct Noop;
-    impl<'a> Handler<'a, (), ()> for Noop {
-        type Output = ();
-        type Future = std::future::Ready<std::result::Result<(), crate::HandlerError>>;
-        fn call(&self, _: (), _: &'a crate::Context<()>) -> Self::Future {
-            std::future::ready(Ok(()))
-        }
     }
 }

@@ -1,12 +1,12 @@
 //! `infra/rabbitmq/definitions.json`: every function's RabbitMQ topology (exchange, queues,
 //! binding and policies) in RabbitMQ's definitions format, for `rabbitmqctl
-//! import_definitions`. It is rendered from [`sluice::transport::rabbitmq::topology`], the same
+//! import_definitions`. It is rendered from [`sluice::topology::topology`], the same
 //! description `provision` declares, for each function's `queue` and `retry.max_deliveries`;
 //! `tests/tests/rabbitmq_topology.rs` checks the result against a real broker.
 
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
-use sluice::transport::rabbitmq::{topology, ArgValue};
+use sluice::topology::{topology, ArgValue};
 
 use crate::{Function, Output};
 

@@ -35,6 +35,8 @@ pub fn options(lease: Duration, max_deliveries: u32) -> TransportOptions {
         lease,
         max_deliveries,
         poll_interval: Duration::from_millis(20),
+        // The suite's queues are its own: created on first use.
+        declare: true,
     }
 }
 
@@ -126,7 +128,7 @@ where
     assert_eq!(again.id, d.id);
     assert_eq!(again.attempt, 2);
     assert!(
-        again.first_failure_at.is_some(),
+        again.first_failure_at().is_some(),
         "the first failure time travels with the message"
     );
     t.ack(&again).await.expect("ack");
@@ -323,6 +325,7 @@ where
             error_class: Some(FailureClass::Transient),
             limit: Some(1),
             dry_run: false,
+            rate: None,
         })
         .await
         .unwrap();

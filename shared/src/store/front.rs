@@ -4,28 +4,24 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, oneshot};
-
 use super::{AnyStore, Claim, ClaimRequest, IdempotencyStore, Token};
-use crate::error::{Error, Result};
+use crate::{
+    batch::Batcher,
+    error::{Error, Result},
+    sync::Mutex,
+};
 
 /// Most claims sent in one `claim_many` call.
 const MAX_BATCH: usize = 64;
 
-struct Pending {
-    req: ClaimRequest,
-    lease: Duration,
-    reply: oneshot::Sender<Result<Claim>>,
-}
-
 /// The store as the pipeline uses it.
 pub struct StoreFront {
     store: Arc<AnyStore>,
-    claims: mpsc::UnboundedSender<Pending>,
+    claims: Batcher<(ClaimRequest, Duration), Result<Claim>>,
     cache: Option<CompletedCache>,
     timeout: Duration,
 }
@@ -40,14 +36,30 @@ impl StoreFront {
         timeout: Duration,
     ) -> Self {
         let store = Arc::new(store);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batch_claims(store.clone(), rx, timeout));
+        let batched = store.clone();
+        let claims = Batcher::spawn(MAX_BATCH, move |batch| {
+            let store = batched.clone();
+            async move { claim_rounds(&store, batch, timeout).await }
+        });
         Self {
             store,
-            claims: tx,
+            claims,
             cache: (cache_entries > 0).then(|| CompletedCache::new(cache_entries, cache_ttl)),
             timeout,
         }
+    }
+
+    /// The store named by the settings behind a front; `None` for `store.kind = "none"`.
+    pub async fn open(settings: &crate::config::Settings) -> Result<Option<Self>> {
+        let store = AnyStore::open(settings).await?;
+        Ok(store.map(|s| {
+            Self::new(
+                s,
+                settings.store.cache_entries,
+                settings.store.ttl,
+                settings.store.timeout,
+            )
+        }))
     }
 
     /// Bounds a store call: a store that does not answer is treated as down.
@@ -84,19 +96,16 @@ impl StoreFront {
         if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(key, fingerprint)) {
             return Ok(hit);
         }
-        let (reply, answer) = oneshot::channel();
         let req = ClaimRequest {
             key: key.to_owned(),
             fingerprint: fingerprint.to_owned(),
         };
-        self.claims
-            .send(Pending { req, lease, reply })
-            .map_err(|_| Error::Store("the claim batcher has stopped".into()))?;
         let claim = self
             .bounded(async {
-                answer
+                self.claims
+                    .call((req, lease))
                     .await
-                    .map_err(|_| Error::Store("the claim batcher dropped a claim".into()))?
+                    .ok_or_else(|| Error::store_msg("the claim batcher has stopped"))?
             })
             .await?;
         if let (Some(cache), Claim::Completed(output)) = (&self.cache, &claim) {
@@ -123,52 +132,48 @@ impl StoreFront {
     }
 }
 
-/// Takes whatever claims are waiting (up to MAX_BATCH) and sends them as one batch. Under load
-/// batches fill while the previous one is in flight; when idle a claim goes alone at once, so
-/// batching adds no latency.
-async fn batch_claims(
-    store: Arc<AnyStore>,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+/// Claims a batch of waiting requests (`crate::batch`) with as few `claim_many` calls as
+/// it can: a key may appear only once per call, so a repeat waits for the next round, where
+/// it sees the first one's claim.
+async fn claim_rounds(
+    store: &AnyStore,
+    batch: Vec<(ClaimRequest, Duration)>,
     timeout: Duration,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut waiting = vec![first];
-        while waiting.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => waiting.push(p),
-                Err(_) => break,
-            }
-        }
-        // A key may appear only once per call: a repeat waits for the next round, where it
-        // sees the first one's claim.
-        while !waiting.is_empty() {
-            let mut seen = HashSet::new();
-            let (round, later): (Vec<Pending>, Vec<Pending>) = waiting
-                .into_iter()
-                .partition(|p| seen.insert(p.req.key.clone()));
-            waiting = later;
-            // All claims of one worker carry the same lease (transport.lease).
-            let lease = round[0].lease;
-            let reqs: Vec<ClaimRequest> = round.iter().map(|p| p.req.clone()).collect();
-            // Bounded here too: a hung call would otherwise hold up every later claim.
-            let answer = tokio::time::timeout(timeout, store.claim_many(&reqs, lease))
-                .await
-                .unwrap_or(Err(Error::Timeout(timeout)));
-            match answer {
-                Ok(claims) => {
-                    for (p, c) in round.into_iter().zip(claims) {
-                        let _ = p.reply.send(Ok(c));
-                    }
+) -> Vec<Result<Claim>> {
+    let mut answers: Vec<Option<Result<Claim>>> = batch.iter().map(|_| None).collect();
+    let mut waiting: Vec<usize> = (0..batch.len()).collect();
+    while !waiting.is_empty() {
+        let mut seen = HashSet::new();
+        let (round, later): (Vec<usize>, Vec<usize>) = waiting
+            .into_iter()
+            .partition(|&i| seen.insert(batch[i].0.key.clone()));
+        waiting = later;
+        // All claims of one worker carry the same lease (transport.lease).
+        let lease = batch[round[0]].1;
+        let reqs: Vec<ClaimRequest> = round.iter().map(|&i| batch[i].0.clone()).collect();
+        // Bounded here too: a hung call would otherwise hold up every later claim.
+        let answer = tokio::time::timeout(timeout, store.claim_many(&reqs, lease))
+            .await
+            .unwrap_or(Err(Error::Timeout(timeout)));
+        match answer {
+            Ok(claims) => {
+                for (&i, c) in round.iter().zip(claims) {
+                    answers[i] = Some(Ok(c));
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for p in round {
-                        let _ = p.reply.send(Err(Error::Store(msg.clone())));
-                    }
+            }
+            Err(e) => {
+                // One failure for every claim of the round, each with the whole cause.
+                let msg = e.report().to_string();
+                for &i in &round {
+                    answers[i] = Some(Err(Error::store_msg(msg.clone())));
                 }
             }
         }
     }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Error::store_msg("the store gave no answer to a claim"))))
+        .collect()
 }
 
 /// Key -> (fingerprint, output, valid until), and keys oldest first.
@@ -195,7 +200,7 @@ impl CompletedCache {
     }
 
     fn get(&self, key: &str, fingerprint: &str) -> Option<Claim> {
-        let g = self.inner.lock().expect("cache lock");
+        let g = self.inner.lock();
         let (fp, output, until) = g.0.get(key)?;
         if Instant::now() >= *until {
             return None;
@@ -208,7 +213,7 @@ impl CompletedCache {
     }
 
     fn put(&self, key: &str, fingerprint: &str, output: &[u8]) {
-        let mut g = self.inner.lock().expect("cache lock");
+        let mut g = self.inner.lock();
         let (map, order) = &mut *g;
         let entry = (
             fingerprint.to_owned(),

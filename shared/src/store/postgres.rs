@@ -202,7 +202,10 @@ impl PostgresStore {
         let shown = redact_url(url);
         // Errors of the open name the server, never with its password.
         let at = |e: Error| match e {
-            Error::Store(m) => Error::Store(format!("{m} (at {shown})")),
+            Error::Store { context, source } => Error::Store {
+                context: format!("{context} (at {shown})"),
+                source,
+            },
             other => other,
         };
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
@@ -233,7 +236,7 @@ impl PostgresStore {
             .wait_timeout(Some(CONNECT_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
-            .map_err(|e| Error::Store(format!("postgres: connection pool: {e}")))
+            .map_err(|e| Error::store("postgres: connection pool", e))
             .map_err(at)?;
         let store = Self {
             pool,
@@ -243,7 +246,7 @@ impl PostgresStore {
         let conn = store.conn().await.map_err(at)?;
         conn.batch_execute(MIGRATION)
             .await
-            .map_err(|e| Error::Store(format!("postgres: migration: {}", chain(&e))))
+            .map_err(|e| Error::store("postgres: migration", e))
             .map_err(at)?;
         drop(conn);
         store.sweep_once().await.map_err(at)?;
@@ -328,7 +331,7 @@ impl PostgresStore {
             Err(e) => return Err(pg_err(e)),
         };
         if rows.len() != items.len() {
-            return Err(Error::Store(format!(
+            return Err(Error::store_msg(format!(
                 "postgres: claim returned {} rows for {} keys",
                 rows.len(),
                 items.len()
@@ -518,13 +521,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn pg_err(e: tokio_postgres::Error) -> Error {
-    Error::Store(format!("postgres: {}", chain(&e)))
+    Error::store("postgres", e)
 }
 
 fn pool_err(e: PoolError) -> Error {
     match e {
-        PoolError::Backend(e) => Error::Store(format!("postgres: connecting: {}", chain(&e))),
-        other => Error::Store(format!("postgres: connection pool: {}", chain(&other))),
+        PoolError::Backend(e) => Error::store("postgres: connecting", e),
+        other => Error::store("postgres: connection pool", other),
     }
 }
 
@@ -572,7 +575,7 @@ impl IdempotencyStore for PostgresStore {
             }
             pending = raced;
         }
-        Err(Error::Store(format!(
+        Err(Error::store_msg(format!(
             "postgres: claim of {} key(s) kept racing with other claimers; try again",
             pending.len()
         )))

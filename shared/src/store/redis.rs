@@ -142,7 +142,7 @@ impl RedisStore {
     /// Connects to `url` (`redis://[:password@]host[:port][/db]`, or `redis://user:password@...`
     /// with ACLs) and loads the scripts. The password never appears in errors.
     pub async fn open(url: &str, max_output_bytes: usize) -> Result<Self> {
-        let fail = |e: RedisError| Error::Store(format!("redis {}: {e}", redact_url(url)));
+        let fail = |e: RedisError| Error::store(format!("redis {}", redact_url(url)), e);
         let client = Client::open(url).map_err(fail)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -174,7 +174,7 @@ impl RedisStore {
                 {
                     tries += 1
                 }
-                other => return other.map_err(|e| Error::Store(format!("redis: {e}"))),
+                other => return other.map_err(|e| Error::store("redis", e)),
             }
         }
     }
@@ -213,8 +213,8 @@ fn decode_claim((tag, payload): (String, Vec<u8>), token: Token) -> Result<Claim
             .ok()
             .and_then(|s| s.parse().ok())
             .map(|ms| Claim::InProgress(Duration::from_millis(ms)))
-            .ok_or_else(|| Error::Store(format!("redis: bad remaining lease {payload:?}"))),
-        other => Err(Error::Store(format!(
+            .ok_or_else(|| Error::store_msg(format!("redis: bad remaining lease {payload:?}"))),
+        other => Err(Error::store_msg(format!(
             "redis: unexpected claim answer {other:?}"
         ))),
     }
@@ -247,7 +247,7 @@ impl IdempotencyStore for RedisStore {
         }
         let answers: Vec<(String, Vec<u8>)> = self.eval(&call).await?;
         if answers.len() != items.len() {
-            return Err(Error::Store(format!(
+            return Err(Error::store_msg(format!(
                 "redis: {} answers for {} claims",
                 answers.len(),
                 items.len()

@@ -48,7 +48,7 @@ use tokio::sync::Barrier;
 use super::{check_key, Claim, ClaimRequest, IdempotencyStore, Token, MAX_KEY_BYTES};
 use crate::{
     error::{Error, Result},
-    message::unix_ms,
+    time::unix_ms,
 };
 
 /// How long an in-progress record lives at most (its lease is what matters; this only lets a
@@ -128,7 +128,7 @@ impl Record {
         match self.state {
             State::Completed => {
                 let output = hex::decode(self.output.as_deref().unwrap_or_default())
-                    .map_err(|e| Error::Store(format!("s3: record output is not hex: {e}")))?;
+                    .map_err(|e| Error::store("s3: record output is not hex", e))?;
                 Ok(Claim::Completed(output))
             }
             State::InProgress => Ok(Claim::InProgress(Duration::from_millis(
@@ -269,19 +269,21 @@ impl S3Store {
         };
         let limit = max_object_bytes(self.max_output_bytes);
         if out.content_length().unwrap_or(0) as u64 > limit as u64 {
-            return Err(Error::Store(format!(
+            return Err(Error::store_msg(format!(
                 "s3: object {name} is over {limit} bytes: not an idempotency record"
             )));
         }
         let etag = out
             .e_tag()
-            .ok_or_else(|| Error::Store(format!("s3: GetObject {name}: no ETag in the answer")))?
+            .ok_or_else(|| {
+                Error::store_msg(format!("s3: GetObject {name}: no ETag in the answer"))
+            })?
             .to_owned();
         let body = out
             .body
             .collect()
             .await
-            .map_err(|e| Error::Store(format!("s3: reading object {name}: {e}")))?
+            .map_err(|e| Error::store(format!("s3: reading object {name}"), e))?
             .to_vec();
         Ok(Some((body, etag)))
     }
@@ -292,9 +294,9 @@ impl S3Store {
             return Ok(None);
         };
         let record: Record = serde_json::from_slice(&body)
-            .map_err(|e| Error::Store(format!("s3: object {name} is not a record: {e}")))?;
+            .map_err(|e| Error::store(format!("s3: object {name} is not a record"), e))?;
         if record.key != key {
-            return Err(Error::Store(format!(
+            return Err(Error::store_msg(format!(
                 "s3: object {name} holds key {:?}, not {key:?}",
                 record.key
             )));
@@ -304,8 +306,8 @@ impl S3Store {
 
     /// A conditional PUT of `record`.
     async fn put(&self, name: &str, record: &Record, when: Precondition) -> Result<Write> {
-        let body = serde_json::to_vec(record)
-            .map_err(|e| Error::Store(format!("s3: encoding record: {e}")))?;
+        let body =
+            serde_json::to_vec(record).map_err(|e| Error::store("s3: encoding record", e))?;
         let put = self
             .client
             .put_object()
@@ -356,7 +358,7 @@ impl S3Store {
             }
             attempt = Some(mine);
         }
-        Err(Error::Store(format!(
+        Err(Error::store_msg(format!(
             "s3: claim of key {key:?} lost {MAX_CLAIM_ROUNDS} races in a row"
         )))
     }
@@ -520,7 +522,8 @@ fn lost_race<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
 }
 
 fn sdk_err<E: std::error::Error + 'static>(op: &str, name: &str, e: SdkError<E>) -> Error {
-    Error::Store(format!("s3: {op} {name}: {}", DisplayErrorContext(&e)))
+    // DisplayErrorContext walks the SDK's own chain, which its Display alone does not print.
+    Error::store_msg(format!("s3: {op} {name}: {}", DisplayErrorContext(&e)))
 }
 
 fn stale(key: &str) -> Error {

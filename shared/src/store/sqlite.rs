@@ -4,7 +4,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -13,7 +13,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{check_key, Claim, ClaimRequest, IdempotencyStore, Token};
 use crate::{
     error::{Error, Result},
-    message::unix_ms,
+    sync::Mutex,
+    time::unix_ms,
     transport::embedded::open_sqlite,
 };
 
@@ -46,12 +47,18 @@ impl SqliteStore {
     pub async fn open(path: &str, max_output_bytes: usize) -> Result<Self> {
         let path = PathBuf::from(path);
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let conn = open_sqlite(&path)?;
-            conn.execute_batch(SCHEMA)?;
+            let conn = open_sqlite(&path).map_err(|e| {
+                Error::Config(format!(
+                    "key `store.url`: cannot open the idempotency store file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            conn.execute_batch(SCHEMA).map_err(store_err)?;
             sweep_expired(&conn)?;
             Ok(conn)
         })
-        .await??;
+        .await
+        .map_err(|e| Error::store("sqlite: opening the store", e))??;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             max_output_bytes,
@@ -64,7 +71,7 @@ impl SqliteStore {
     ) -> Result<T> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().expect("sqlite connection lock");
+            let mut conn = conn.lock();
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(store_err)?;
@@ -73,7 +80,7 @@ impl SqliteStore {
             Ok(out)
         })
         .await
-        .map_err(|e| Error::Store(e.to_string()))?
+        .map_err(|e| Error::store("sqlite: a blocking task failed", e))?
     }
 
     /// Deletes expired records now; returns how many (claims also do it now and then).
@@ -143,7 +150,7 @@ fn claim_in(tx: &rusqlite::Transaction<'_>, key: &str, fp: &str, lease: Duration
 }
 
 fn store_err(e: rusqlite::Error) -> Error {
-    Error::Store(format!("sqlite: {e}"))
+    Error::store("sqlite", e)
 }
 
 fn stale(key: &str) -> Error {

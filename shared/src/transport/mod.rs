@@ -1,7 +1,17 @@
-//! The transport contract (DESIGN.md table) and the run-time choice between adapters.
+//! The transport contract and the run-time choice between adapters.
 //!
-//! Payloads are bytes plus headers; every adapter passes `conformance::transport`.
-//! An adapter that cannot do an operation returns [`Error::Invalid`] saying so: never a no-op.
+//! Payloads are bytes plus headers, with the [`crate::envelope::Envelope`] beside them; every
+//! adapter passes `conformance::transport`. An adapter that cannot do an operation returns
+//! [`Error::Invalid`] saying so: never a no-op. Each adapter is a folder with one file per
+//! concern; what they share is written once elsewhere: the envelope and its checks
+//! (`envelope.rs`), dead letters and their classification (`dead_letter.rs`), the dead-letter
+//! operations (`dlq.rs`), the local lease clock (`lease.rs`) and request batching (`batch.rs`).
+
+// A build without any transport (`--no-default-features`) has nothing to delegate to.
+#![cfg_attr(
+    not(any(feature = "embedded", feature = "rabbitmq", feature = "sqs")),
+    allow(unused_variables, unused_imports)
+)]
 
 #[cfg(feature = "embedded")]
 pub mod embedded;
@@ -14,8 +24,10 @@ use std::{future::Future, time::Duration};
 
 use crate::{
     config::{Settings, TransportKind},
+    dead_letter::DeadLetter,
+    envelope::Failure,
     error::{Error, Result},
-    message::{DeadLetter, Delivery, Failure, OutgoingMessage, QueueStats, RedriveFilter},
+    message::{Delivery, OutgoingMessage, QueueStats, RedriveFilter},
 };
 
 /// What every adapter is built from.
@@ -34,11 +46,24 @@ pub struct TransportOptions {
     pub max_deliveries: u32,
     /// Embedded: idle poll interval.
     pub poll_interval: Duration,
+    /// Create the queues that are missing on first use (`run` with `transport.declare` on).
+    /// Off, they are only checked, and an operation that needs a missing queue fails naming
+    /// `provision`; [`Transport::provision`] creates them either way.
+    pub declare: bool,
+}
+
+/// What a handle is opened for: whether it may create missing queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `run`: creates missing queues when `transport.declare` is on.
+    Work,
+    /// Every other command: creates nothing (`provision` does, by calling it).
+    Admin,
 }
 
 impl TransportOptions {
     /// Options from the function settings.
-    pub fn from_settings(function: &str, s: &Settings) -> Self {
+    pub fn from_settings(function: &str, s: &Settings, purpose: Purpose) -> Self {
         Self {
             queue: s.queue.clone(),
             function: function.to_owned(),
@@ -46,6 +71,7 @@ impl TransportOptions {
             lease: s.transport.lease,
             max_deliveries: s.retry.max_deliveries,
             poll_interval: s.transport.poll_interval,
+            declare: purpose == Purpose::Work && s.transport.declare,
         }
     }
 }
@@ -109,12 +135,15 @@ pub enum AnyTransport {
     /// Amazon SQS in container mode (long polling, a DLQ with history, `RedrivePolicy`).
     #[cfg(feature = "sqs")]
     Sqs(sqs::SqsTransport),
+    /// Never constructed: keeps the enum inhabited-in-type when no transport is built.
+    #[doc(hidden)]
+    Unbuilt(std::convert::Infallible),
 }
 
 impl AnyTransport {
     /// Opens the adapter named by the settings.
-    pub async fn open(function: &str, settings: &Settings) -> Result<Self> {
-        let opts = TransportOptions::from_settings(function, settings);
+    pub async fn open(function: &str, settings: &Settings, purpose: Purpose) -> Result<Self> {
+        let opts = TransportOptions::from_settings(function, settings, purpose);
         match settings.transport.kind {
             #[cfg(feature = "embedded")]
             TransportKind::Embedded => Ok(AnyTransport::Embedded(
@@ -124,7 +153,6 @@ impl AnyTransport {
             TransportKind::Rabbitmq => {
                 let config = rabbitmq::RabbitConfig {
                     prefetch: settings.prefetch(),
-                    declare: settings.transport.declare,
                     max_hold: rabbitmq::RabbitConfig::hold_within(
                         settings.transport.consumer_timeout,
                     ),
@@ -155,6 +183,7 @@ macro_rules! delegate {
             AnyTransport::Rabbitmq($t) => $e,
             #[cfg(feature = "sqs")]
             AnyTransport::Sqs($t) => $e,
+            AnyTransport::Unbuilt(never) => match *never {},
         }
     };
 }

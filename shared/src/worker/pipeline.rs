@@ -1,43 +1,27 @@
-//! The worker: an intake loop and one pipeline per message, read top to bottom.
-//!
-//! receive (lease) -> decode + validate -> idempotency claim -> circuit breaker -> handler
-//! (timeout, short immediate retries, panics caught) -> classify -> complete or release the
-//! record -> settle on the broker -> metrics and span. The record is completed before the
-//! ack: a crash between the two redelivers a message whose record says completed, and the
-//! handler is not run again.
+//! The pipeline of one message: decide (decode, key, claim, breaker, handler, classify)
+//! without touching the broker, then settle with exactly one broker call.
 
 use std::{
-    marker::PhantomData,
-    panic::AssertUnwindSafe,
-    sync::{
-        atomic::{AtomicBool, Ordering::Relaxed},
-        Arc, Mutex,
-    },
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
-use futures_util::FutureExt;
-use rand::Rng;
-use serde::de::DeserializeOwned;
-use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::Runtime;
 use crate::{
-    breaker::{Admission, BreakerState, CircuitBreaker},
-    config::Settings,
-    error::{Error, Result},
-    handler::{Context, ErrorKind, Handler, HandlerError},
-    message::{check_envelope, header, Delivery, Failure, FailureClass},
-    ratelimit::RateLimiter,
-    retry::RetryPolicy,
-    store::{fingerprint, front::StoreFront, Claim, Token},
-    telemetry::{inc, Metrics, RunSummary},
-    transport::{AnyTransport, Transport},
+    breaker::Admission,
+    envelope::{Failure, FailureClass},
+    error::Error,
+    handler::ErrorKind,
+    job::Input,
+    message::{header, Delivery},
+    store::{check_key, fingerprint, Claim, Token},
+    sync::Mutex,
+    telemetry::inc,
+    transport::Transport,
 };
-
-/// Most messages asked for in one receive call.
-const RECEIVE_BATCH: usize = 10;
 
 /// After shutdown grace, how long a cancelled handler may take to return before its message
 /// is put back regardless.
@@ -59,31 +43,9 @@ async fn cut_short(
 /// First look again at a key another delivery holds; the interval doubles from here.
 const IN_PROGRESS_FIRST_LOOK: Duration = Duration::from_millis(50);
 
-/// Derives the idempotency key from a decoded input.
-pub type KeyFn<T> = Arc<dyn Fn(&T) -> String + Send + Sync>;
-
-/// Everything a worker needs, built once at start-up.
-pub struct Runtime<T, S, H> {
-    pub(crate) function: String,
-    pub(crate) settings: Settings,
-    pub(crate) transport: AnyTransport,
-    pub(crate) store: Option<StoreFront>,
-    pub(crate) handler: H,
-    pub(crate) state: Arc<S>,
-    pub(crate) key_fn: Option<KeyFn<T>>,
-    pub(crate) schema_versions: Vec<String>,
-    pub(crate) policy: RetryPolicy,
-    pub(crate) breaker: CircuitBreaker,
-    pub(crate) limiter: Option<RateLimiter>,
-    /// Counters of this process.
-    pub metrics: Metrics,
-    pub(crate) health: Arc<crate::serve::Health>,
-    pub(crate) _input: PhantomData<fn() -> T>,
-}
-
 /// What the pipeline decided for one delivery.
 #[derive(Debug)]
-enum Verdict {
+pub(super) enum Verdict {
     /// Done (or a duplicate of something done): remove it.
     Ack { duplicate: bool },
     /// Deliver again later.
@@ -109,231 +71,9 @@ pub(crate) struct Budget {
 
 /// The idempotency claim held while the handler runs (shared with the lease keeper):
 /// key, payload fingerprint, fencing token.
-type HeldClaim = Mutex<Option<(String, String, Token)>>;
+pub(super) type HeldClaim = Mutex<Option<(String, String, Token)>>;
 
-/// One message on its way from the intake loop to a slot task, with the slot it holds.
-struct Job {
-    d: Delivery,
-    /// The intake loop reserved the breaker's half-open probe for it.
-    probe: bool,
-    permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Options of one `run`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RunOptions {
-    /// Exit once the queue is empty and nothing is in flight.
-    pub drain: bool,
-}
-
-impl<T, S, H> Runtime<T, S, H>
-where
-    T: DeserializeOwned + Send + 'static,
-    S: Send + Sync + 'static,
-    H: for<'a> Handler<'a, T, S>,
-{
-    /// The transport (for the CLI's queue commands).
-    pub fn transport(&self) -> &AnyTransport {
-        &self.transport
-    }
-
-    /// The settings in force.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    /// The circuit breaker's state now (the `breaker_state` gauge).
-    pub fn breaker_state(&self) -> BreakerState {
-        self.breaker.state()
-    }
-
-    /// Runs the handler once on a body (the `invoke` command): no receive, no idempotency
-    /// record, no immediate retries, no settling. The handler's own effects are real.
-    pub async fn invoke(&self, body: &[u8]) -> std::result::Result<Vec<u8>, HandlerError> {
-        let d = Delivery {
-            id: uuid::Uuid::new_v4().to_string(),
-            body: body.to_vec(),
-            headers: Default::default(),
-            attempt: 1,
-            enqueued_at: std::time::SystemTime::now(),
-            first_failure_at: None,
-            receipt: String::new(),
-        };
-        let input = self
-            .decode(&d)
-            .map_err(|(_, reason)| HandlerError::permanent(reason))?;
-        let key = match &self.key_fn {
-            Some(f) => f(&input),
-            None => d.id.clone(),
-        };
-        // Once: no immediate retries, so a failure shows as it happened.
-        let effects = crate::handler::Effects::default();
-        let timeout = self.settings.worker.handler_timeout;
-        self.call_once(
-            &d,
-            input,
-            &key,
-            &CancellationToken::new(),
-            &effects,
-            timeout,
-        )
-        .await
-    }
-
-    /// Runs the intake loop until `shutdown` fires (or, with `drain`, the queue is empty),
-    /// then lets in-flight messages finish within the grace period and returns the rest.
-    pub async fn run(
-        self: &Arc<Self>,
-        opts: RunOptions,
-        shutdown: CancellationToken,
-    ) -> Result<RunSummary> {
-        let concurrency = self.settings.worker.concurrency;
-        let slots = Arc::new(Semaphore::new(concurrency));
-        let hard_stop = CancellationToken::new();
-        // One long-lived task per slot, fed by the intake loop through a queue: a task spawned
-        // per message cost about 5 us of the pipeline's budget in `just bench rabbitmq`. The
-        // semaphore still bounds the messages taken (a permit travels with each message and
-        // is dropped when it is settled), so the queue never holds more than the idle tasks.
-        let (feed, jobs) = tokio::sync::mpsc::unbounded_channel::<Job>();
-        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
-        let mut workers = JoinSet::new();
-        for _ in 0..concurrency {
-            let rt = self.clone();
-            let jobs = jobs.clone();
-            // A child token a slot: waiting on it registers with this slot's token only, not
-            // with one shared by every slot.
-            let hard_stop = hard_stop.child_token();
-            workers.spawn(async move {
-                loop {
-                    let job = jobs.lock().await.recv().await;
-                    let Some(Job { d, probe, permit }) = job else {
-                        break;
-                    };
-                    // The handler's panics are caught in `call_once`; this catches the rest of
-                    // the pipeline's, so that a panic costs one message, never the slot.
-                    let run = AssertUnwindSafe(rt.process(d, &hard_stop, probe));
-                    if run.catch_unwind().await.is_err() {
-                        tracing::error!(
-                            "the pipeline panicked; the message returns when its lease ends"
-                        );
-                    }
-                    drop(permit);
-                }
-            });
-        }
-        tracing::info!(
-            function = %self.function,
-            queue = %self.settings.queue,
-            transport = ?self.settings.transport.kind,
-            store = ?self.settings.store.kind,
-            concurrency,
-            "worker started"
-        );
-        let mut transport_errors = 0u32;
-        self.health.intake_started(self, &shutdown);
-        while !shutdown.is_cancelled() {
-            self.health.tick();
-            // A free slot first: the failure that frees one may be the one that opens the
-            // breaker, so the breaker is asked only once a slot is free.
-            let first = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-                _ = shutdown.cancelled() => break,
-            };
-            // Open: take nothing new. Half-open: take the single probe message, and nothing
-            // more until its outcome has closed or re-opened the breaker.
-            let (batch, probe) = match self.breaker.admit() {
-                Admission::Allow if self.limiter.is_some() => (1, false),
-                Admission::Allow => (RECEIVE_BATCH, false),
-                Admission::Probe => (1, true),
-                Admission::Wait(w) => {
-                    drop(first);
-                    tokio::select! {
-                        _ = tokio::time::sleep(w.min(Duration::from_millis(200))) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                    continue;
-                }
-            };
-            let mut permits = vec![first];
-            while permits.len() < batch {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-            if let Some(limiter) = &self.limiter {
-                tokio::select! {
-                    _ = limiter.take() => {}
-                    _ = shutdown.cancelled() => break,
-                }
-            }
-            let got = match self
-                .transport
-                .receive(permits.len(), self.settings.transport.wait)
-                .await
-            {
-                Ok(got) => {
-                    transport_errors = 0;
-                    got
-                }
-                Err(e) => {
-                    if probe {
-                        self.breaker.probe_abandoned();
-                    }
-                    transport_errors += 1;
-                    let wait = self.policy.delayed_retry_envelope(transport_errors);
-                    tracing::error!(error = %e, retry_in = ?wait, "receive failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                    continue;
-                }
-            };
-            if got.is_empty() {
-                if probe {
-                    self.breaker.probe_abandoned();
-                }
-                drop(permits);
-                // Every permit back: nothing is in flight.
-                let idle = slots.available_permits() == concurrency;
-                if opts.drain && idle && self.transport.stats().await?.is_drained() {
-                    tracing::info!("queue drained");
-                    break;
-                }
-                continue;
-            }
-            for d in got {
-                let permit = permits.pop().expect("one permit per message");
-                if feed.send(Job { d, probe, permit }).is_err() {
-                    unreachable!("the slot tasks live until the feed is dropped");
-                }
-            }
-        }
-        // No more messages: each slot task ends once the queue is empty and its message settled.
-        drop(feed);
-        let in_flight = concurrency - slots.available_permits();
-        if in_flight > 0 {
-            tracing::info!(in_flight, grace = ?self.settings.worker.shutdown_grace, "intake stopped; letting in-flight messages finish");
-        }
-        let finished = tokio::time::timeout(self.settings.worker.shutdown_grace, async {
-            while workers.join_next().await.is_some() {}
-        })
-        .await;
-        if finished.is_err() {
-            tracing::warn!(
-                remaining = concurrency - slots.available_permits(),
-                "shutdown grace over: cancelling handlers and returning their messages to the queue"
-            );
-            hard_stop.cancel();
-            while workers.join_next().await.is_some() {}
-        }
-        self.health.intake_stopped();
-        let summary = self.metrics.summary();
-        tracing::info!(?summary, "worker stopped");
-        Ok(summary)
-    }
-
+impl Runtime {
     /// The span of one delivery, created with every field it has: recording a field later
     /// re-formats all of the span's fields in JSON logs (about 2 us a record in
     /// `just bench rabbitmq`). The outcome is therefore a field of the settling log line,
@@ -352,8 +92,8 @@ where
     /// Steps 1 and 2 of the pipeline, before the span opens: decode and validate (bad input
     /// is permanent and keeps its bytes), then the idempotency key: the header, else derived
     /// from the payload, else the message id.
-    fn prepare(&self, d: &Delivery) -> std::result::Result<(T, String), Verdict> {
-        let input = match self.decode(d) {
+    fn prepare(&self, d: &Delivery) -> std::result::Result<(Input, String), Verdict> {
+        let input = match self.handle().decode(d) {
             Ok(input) => input,
             Err((label, reason)) => {
                 return Err(dead_letter(FailureClass::Permanent, label, reason))
@@ -361,8 +101,8 @@ where
         };
         let key = match d.headers.get(header::IDEMPOTENCY_KEY) {
             Some(k) => k.clone(),
-            None => match &self.key_fn {
-                Some(f) => f(&input),
+            None => match self.job.key(&input) {
+                Some(k) => k,
                 None if self.settings.limits.require_idempotency_key => {
                     return Err(dead_letter(
                         FailureClass::Permanent,
@@ -373,6 +113,15 @@ where
                 None => d.id.clone(),
             },
         };
+        // A key no store can hold is the producer's (or the key function's) error, not a
+        // store outage: bad input, at once.
+        if let Err(e) = check_key(&key) {
+            return Err(dead_letter(
+                FailureClass::Permanent,
+                "bad idempotency key",
+                e.to_string(),
+            ));
+        }
         Ok((input, key))
     }
 
@@ -487,7 +236,7 @@ where
     async fn decide(
         &self,
         d: &Delivery,
-        prepared: std::result::Result<(T, String), Verdict>,
+        prepared: std::result::Result<(Input, String), Verdict>,
         held: &HeldClaim,
         cancel: &CancellationToken,
         probe: &AtomicBool,
@@ -509,7 +258,7 @@ where
             loop {
                 match store.claim(&key, &fp, lease).await {
                     Ok(Claim::Acquired(token)) => {
-                        *held.lock().expect("claim lock") = Some((key.clone(), fp, token));
+                        *held.lock() = Some((key.clone(), fp, token));
                         break;
                     }
                     Ok(Claim::Completed(_)) => return Verdict::Ack { duplicate: true },
@@ -553,7 +302,7 @@ where
                         )
                     }
                     Err(e) if self.settings.store.fail_open => {
-                        tracing::warn!(error = %e, "idempotency store unavailable; running UNCLAIMED (store.fail_open = true)");
+                        tracing::warn!(error = %e.report(), "idempotency store unavailable; running UNCLAIMED (store.fail_open = true)");
                         break;
                     }
                     Err(e) => {
@@ -562,7 +311,7 @@ where
                         return self.retry_or_give_up(
                             d,
                             delay,
-                            format!("idempotency store unavailable: {e}"),
+                            format!("idempotency store unavailable: {}", e.report()),
                         );
                     }
                 }
@@ -602,15 +351,18 @@ where
         // 6. Classify, and record the outcome before settling on the broker.
         match result {
             Ok(output) => {
-                let crash_rate = self.settings.fault.crash_rate;
-                if crash_rate > 0.0 && rand::thread_rng().gen::<f64>() < crash_rate {
-                    // fault.crash_rate: die between the effect and its record/ack, as a killed
-                    // worker would (abort: no destructor, no settle, no flush).
-                    tracing::error!("injected crash after the handler (fault.crash_rate)");
-                    std::process::abort();
+                #[cfg(feature = "faults")]
+                {
+                    let crash_rate = self.settings.fault.crash_rate;
+                    if crash_rate > 0.0 && rand::random::<f64>() < crash_rate {
+                        // fault.crash_rate: die between the effect and its record/ack, as a
+                        // killed worker would (abort: no destructor, no settle, no flush).
+                        tracing::error!("injected crash after the handler (fault.crash_rate)");
+                        std::process::abort();
+                    }
                 }
                 self.breaker.on_success();
-                let claim = held.lock().expect("claim lock").take();
+                let claim = held.lock().take();
                 #[cfg(feature = "postgres")]
                 if let Some(tx) = effects.take().await {
                     return self.commit_effects(d, tx, claim, &output).await;
@@ -622,7 +374,7 @@ where
                     {
                         // The effect happened; acking is right. A duplicate arriving later may
                         // run again, which the downstream's idempotency key must absorb.
-                        tracing::error!(error = %e, "could not complete the idempotency record");
+                        tracing::error!(error = %e.report(), "could not complete the idempotency record");
                     }
                 }
                 Verdict::Ack { duplicate: false }
@@ -665,7 +417,7 @@ where
         #[cfg(feature = "postgres")]
         if let Some(crate::store::AnyStore::Postgres(pg)) = self.store.as_ref().map(|s| s.store()) {
             return crate::handler::Effects {
-                pg: Some((pg.clone(), Arc::default())),
+                pg: Some((pg.clone(), std::sync::Arc::default())),
             };
         }
         crate::handler::Effects::default()
@@ -708,7 +460,11 @@ where
                 // on untouched data.
                 self.release_claim_of(&key, token).await;
                 let delay = self.policy.delayed_retry(d.attempt);
-                self.retry_or_give_up(d, delay, format!("committing the effects failed: {e}"))
+                self.retry_or_give_up(
+                    d,
+                    delay,
+                    format!("committing the effects failed: {}", e.report()),
+                )
             }
         }
     }
@@ -725,183 +481,20 @@ where
         }
     }
 
-    /// Decodes and validates; on failure returns (label, reason).
-    fn decode(&self, d: &Delivery) -> std::result::Result<T, (&'static str, String)> {
-        check_envelope(&d.body, &d.headers, &self.settings.limits)?;
-        if let Some(default) = self.schema_versions.first() {
-            // A message without the header is taken as the first (default) version.
-            let v = d.headers.get(header::SCHEMA_VERSION).unwrap_or(default);
-            if !self.schema_versions.contains(v) {
-                return Err((
-                    "unsupported schema version",
-                    format!(
-                        "schema-version {v:?} is not accepted (accepted: {})",
-                        self.schema_versions.join(", ")
-                    ),
-                ));
-            }
-        }
-        let text = std::str::from_utf8(&d.body)
-            .map_err(|e| ("invalid UTF-8", format!("body is not UTF-8: {e}")))?;
-        serde_json::from_str(text).map_err(|e| {
-            if e.is_data() {
-                (
-                    "invalid input",
-                    format!("body does not match the input schema: {e}"),
-                )
-            } else {
-                ("malformed JSON", format!("body is not JSON: {e}"))
-            }
-        })
-    }
-
-    /// Calls the handler with a fresh timeout per try, retrying short waits in the slot.
-    async fn call_handler(
-        &self,
-        d: &Delivery,
-        input: T,
-        key: &str,
-        cancel: &CancellationToken,
-        effects: &crate::handler::Effects,
-        budget: &Budget,
-    ) -> std::result::Result<Vec<u8>, HandlerError> {
-        let mut input = Some(input);
-        let mut tries = 0;
-        loop {
-            let this = match input.take() {
-                Some(i) => i,
-                None => self
-                    .decode(d)
-                    .map_err(|(_, r)| HandlerError::permanent(r))?,
-            };
-            let result = self
-                .call_once(d, this, key, cancel, effects, budget.handler_timeout)
-                .await;
-            let err = match result {
-                Ok(out) => return Ok(out),
-                Err(e) => e,
-            };
-            // A failed try's writes are undone before anything else happens.
-            effects.rollback().await;
-            let wait = match err.kind {
-                ErrorKind::Transient => Some(self.policy.immediate_delay(tries + 1)),
-                ErrorKind::RetryAfter(w) if w <= self.policy.max_in_slot_wait() => Some(w),
-                _ => None,
-            };
-            match wait {
-                Some(w) if tries < self.policy.immediate_retries() && !cancel.is_cancelled() => {
-                    tries += 1;
-                    inc(&self.metrics.immediate_retries);
-                    tracing::debug!(error = %err, wait = ?w, try_ = tries, "immediate retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(w) => {}
-                        _ = cancel.cancelled() => return Err(err),
-                    }
-                }
-                _ => return Err(err),
-            }
-        }
-    }
-
-    async fn call_once(
-        &self,
-        d: &Delivery,
-        input: T,
-        key: &str,
-        cancel: &CancellationToken,
-        effects: &crate::handler::Effects,
-        timeout: Duration,
-    ) -> std::result::Result<Vec<u8>, HandlerError> {
-        let ctx = Context {
-            message_id: d.id.clone(),
-            attempt: d.attempt,
-            headers: d.headers.clone(),
-            deadline: Instant::now() + timeout,
-            idempotency_key: key.to_owned(),
-            cancel: cancel.clone(),
-            state: self.state.clone(),
-            effects: effects.clone(),
-        };
-        let fault = &self.settings.fault;
-        let call = async {
-            if !fault.latency.is_zero() {
-                tokio::time::sleep(fault.latency).await;
-            }
-            if fault.panic_rate > 0.0 && rand::thread_rng().gen::<f64>() < fault.panic_rate {
-                panic!("injected panic (fault.panic_rate)");
-            }
-            if fault.failure_rate > 0.0 && rand::thread_rng().gen::<f64>() < fault.failure_rate {
-                return Err(HandlerError::transient(
-                    "injected failure (fault.failure_rate)",
-                ));
-            }
-            self.handler.call(input, &ctx).await
-        };
-        match tokio::time::timeout(timeout, AssertUnwindSafe(call).catch_unwind()).await {
-            Err(_) => Err(HandlerError::transient(format!(
-                "handler timed out after {timeout:?}"
-            ))),
-            Ok(Err(panic)) => {
-                inc(&self.metrics.panics);
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
-                Err(HandlerError::transient(format!("handler panicked: {what}")))
-            }
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Ok(Ok(out))) => serde_json::to_vec(&out).map_err(|e| {
-                HandlerError::permanent(format!("handler output does not serialize: {e}"))
-            }),
-        }
-    }
-
-    /// Extends the message lease (and the idempotency lease with it) while the pipeline runs.
-    /// Returns only when the lease is lost, after cancelling the handler's context.
-    async fn keep_lease(
-        &self,
-        d: &Delivery,
-        held: &HeldClaim,
-        cancel: &CancellationToken,
-    ) -> Verdict {
-        let lease = self.settings.transport.lease;
-        // Extend at a third of the lease, so two extensions can fail before it runs out.
-        let every = lease / 3;
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = self.transport.extend(d, lease).await {
-                tracing::warn!(error = %e, "lost the message lease; cancelling the handler");
-                cancel.cancel();
-                break;
-            }
-            let claim = held.lock().expect("claim lock").clone();
-            if let (Some(store), Some((key, _, token))) = (&self.store, claim) {
-                if let Err(e) = store.extend(&key, token, lease).await {
-                    tracing::warn!(error = %e, "lost the idempotency lease; cancelling the handler");
-                    cancel.cancel();
-                    break;
-                }
-            }
-        }
-        // Let the handler observe the cancellation and return; decide() then abandons.
-        std::future::pending().await
-    }
-
     #[cfg(feature = "postgres")]
     async fn release_claim_of(&self, key: &str, token: Token) {
         if let Some(store) = &self.store {
             if let Err(e) = store.release(key, token).await {
-                tracing::warn!(error = %e, "could not release the idempotency record; it frees itself when its lease ends");
+                tracing::warn!(error = %e.report(), "could not release the idempotency record; it frees itself when its lease ends");
             }
         }
     }
 
-    async fn release_claim(&self, held: &HeldClaim) {
-        let claim = held.lock().expect("claim lock").take();
+    pub(super) async fn release_claim(&self, held: &HeldClaim) {
+        let claim = held.lock().take();
         if let (Some(store), Some((key, _, token))) = (&self.store, claim) {
             if let Err(e) = store.release(&key, token).await {
-                tracing::warn!(error = %e, "could not release the idempotency record; it frees itself when its lease ends");
+                tracing::warn!(error = %e.report(), "could not release the idempotency record; it frees itself when its lease ends");
             }
         }
     }
@@ -958,7 +551,7 @@ where
                 false
             }
             Err(e) => {
-                tracing::error!(outcome, error = %e, "settling failed; the message returns when its lease ends");
+                tracing::error!(outcome, error = %e.report(), "settling failed; the message returns when its lease ends");
                 false
             }
         }

@@ -1,42 +1,15 @@
-//! Logs (tracing, JSON by default) and the in-process counters behind `run --summary` and
-//! the demo table. Counter names follow DESIGN.md: received, succeeded, retried,
-//! dead_lettered, duplicates_skipped, redriven; gauges in_flight and breaker_state.
+//! The in-process counters behind `/metrics`, `run --summary` and the demo table.
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Mutex,
-    },
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, TelemetrySettings};
-
-/// Installs the global subscriber (logs to stderr; stdout is for command output).
-pub fn init_logging(settings: &TelemetrySettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(settings.log_level.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match settings.log_format {
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
-    };
-    // A handler panic is caught and counted; report it as a log event, not raw stderr text.
-    std::panic::set_hook(Box::new(|info| {
-        tracing::error!(panic = %info, "handler panicked");
-    }));
-}
+use crate::sync::Mutex;
 
 /// Counters of one worker process.
 #[derive(Debug)]
@@ -98,7 +71,6 @@ impl Metrics {
         *self
             .dead_letter_reasons
             .lock()
-            .expect("metrics lock")
             .entry(label.to_owned())
             .or_default() += 1;
     }
@@ -106,14 +78,14 @@ impl Metrics {
     /// Records the time from receive to settle.
     pub fn observe(&self, d: Duration) {
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
-        let _ = self.latency_us.lock().expect("metrics lock").record(us);
+        let _ = self.latency_us.lock().record(us);
     }
 
     /// Receive-to-settle latency for `/metrics` (serve.rs): observations, their sum in
     /// seconds (from the histogram's mean, so within its 3 significant digits), and the
     /// value in seconds at each of `quantiles`.
     pub fn latency(&self, quantiles: &[f64]) -> (u64, f64, Vec<f64>) {
-        let h = self.latency_us.lock().expect("metrics lock");
+        let h = self.latency_us.lock();
         let count = h.len();
         let sum = h.mean() * count as f64 / 1e6;
         let at = quantiles
@@ -125,7 +97,7 @@ impl Metrics {
 
     /// A snapshot for `run --summary`.
     pub fn summary(&self) -> RunSummary {
-        let h = self.latency_us.lock().expect("metrics lock");
+        let h = self.latency_us.lock();
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let elapsed = self.started.elapsed().as_secs_f64();
         let settled = self.succeeded.load(Relaxed)
@@ -140,11 +112,7 @@ impl Metrics {
             duplicates_skipped: self.duplicates_skipped.load(Relaxed),
             panics: self.panics.load(Relaxed),
             released: self.released.load(Relaxed),
-            dead_letter_reasons: self
-                .dead_letter_reasons
-                .lock()
-                .expect("metrics lock")
-                .clone(),
+            dead_letter_reasons: self.dead_letter_reasons.lock().clone(),
             elapsed_s: elapsed,
             settled_per_s: if elapsed > 0.0 {
                 settled as f64 / elapsed

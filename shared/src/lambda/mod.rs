@@ -18,21 +18,20 @@
 //!   keeps the messages and delivers them again, nothing is lost.
 
 use std::{
-    process::ExitCode,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+mod record;
+
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use lambda_runtime::{service_fn, LambdaEvent};
-use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
 use crate::{
     config::TransportKind,
     error::Error,
-    function::Function,
-    handler::Handler,
+    function::Definition,
     telemetry::init_logging,
     transport::AnyTransport,
     worker::{Budget, Runtime},
@@ -50,33 +49,8 @@ pub fn in_lambda() -> bool {
 }
 
 /// Serves Lambda invocations until the runtime stops the process.
-pub(crate) fn main<T, S, H>(function: Function<T, S, H>) -> ExitCode
-where
-    T: DeserializeOwned + Send + 'static,
-    S: Send + Sync + 'static,
-    H: for<'a> Handler<'a, T, S>,
-{
-    let runtime = match crate::cli::async_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    match runtime.block_on(serve(function)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Start-up errors reach CloudWatch as one line; Lambda reports an init error.
-            eprintln!("error: {e}");
-            ExitCode::from(crate::cli::EXIT_CONFIG)
-        }
-    }
-}
-
-async fn serve<T, S, H>(function: Function<T, S, H>) -> Result<(), Error>
-where
-    T: DeserializeOwned + Send + 'static,
-    S: Send + Sync + 'static,
-    H: for<'a> Handler<'a, T, S>,
-{
-    let settings = function.load_settings(None, &[])?;
+pub(crate) async fn serve(def: Definition) -> Result<(), Error> {
+    let settings = def.load_settings(None, &[])?;
     init_logging(&settings.telemetry);
     if settings.transport.kind != TransportKind::Sqs {
         return Err(Error::Config(
@@ -84,25 +58,20 @@ where
                 .into(),
         ));
     }
-    let rt = Arc::new(function.build(settings).await?);
+    let rt = Arc::new(def.open_for_lambda(settings).await?);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let rt = rt.clone();
         async move { handle_event(&rt, event).await }
     }))
     .await
-    .map_err(|e| Error::Transport(format!("lambda runtime: {e}")))
+    .map_err(|e| Error::transport("lambda runtime", e))
 }
 
 /// One invocation: an SQS event in, the records to retry out.
-pub(crate) async fn handle_event<T, S, H>(
-    rt: &Arc<Runtime<T, S, H>>,
+pub(crate) async fn handle_event(
+    rt: &Arc<Runtime>,
     event: LambdaEvent<serde_json::Value>,
-) -> Result<SqsBatchResponse, lambda_runtime::Error>
-where
-    T: DeserializeOwned + Send + 'static,
-    S: Send + Sync + 'static,
-    H: for<'a> Handler<'a, T, S>,
-{
+) -> Result<SqsBatchResponse, lambda_runtime::Error> {
     let deadline_ms = absolute_deadline_ms(event.context.deadline, now_ms());
     let sqs: SqsEvent = serde_json::from_value(event.payload).map_err(|e| {
         format!("not an SQS event (this function is triggered by an SQS queue): {e}")
@@ -152,10 +121,10 @@ where
                     continue;
                 }
                 let AnyTransport::Sqs(queue) = rt.transport() else { unreachable!() };
-                let delivery = match queue.lambda_delivery(&record, deadline_ms as i64) {
+                let delivery = match record::delivery(queue, &record, deadline_ms) {
                     Ok(d) => d,
                     Err(e) => {
-                        tracing::error!(message_id = %id, error = %e, "record cannot be read; reported as failed");
+                        tracing::error!(message_id = %id, error = %e.report(), "record cannot be read; reported as failed");
                         failed.push(id);
                         continue;
                     }

@@ -1,0 +1,146 @@
+//! The queue commands: they open the transport alone (no state initializer, no store;
+//! `provision` also creates what the store needs), and only `provision` creates queues.
+
+use super::{print, read_body, DlqCommand, Outcome, SendArgs};
+use crate::{
+    config::Settings,
+    error::{Error, Result},
+    message::{check_input, OutgoingMessage, RedriveFilter},
+    store::AnyStore,
+    transport::{AnyTransport, Transport},
+};
+
+/// Most messages published per transaction by `send --count`.
+const SEND_CHUNK: usize = 500;
+
+/// `send`: the body checked as the worker would check it (limits, header rules), then
+/// published in transactions of [`SEND_CHUNK`].
+pub(super) async fn send(t: &AnyTransport, settings: &Settings, args: SendArgs) -> Result<Outcome> {
+    let body = read_body(args.json, args.file)?;
+    let mut headers = crate::message::Headers::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("--header {h:?}: expected NAME=VALUE")))?;
+        headers.insert(name.trim().to_ascii_lowercase(), value.to_owned());
+    }
+    // Refuse here what the worker would dead-letter: limits and header rules (not the body's
+    // JSON, so that bad input can still be sent on purpose).
+    check_input(&body, &headers, &settings.limits).map_err(|(_, reason)| Error::Limit(reason))?;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let templated = text.contains("{{seq}}");
+    #[cfg(feature = "faults")]
+    let poison_rate = settings.fault.poison_rate;
+    let mut sent = 0usize;
+    let mut batch = Vec::with_capacity(SEND_CHUNK.min(args.count));
+    for seq in 0..args.count {
+        #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
+        let mut b = if templated {
+            text.replace("{{seq}}", &seq.to_string()).into_bytes()
+        } else {
+            body.clone()
+        };
+        #[cfg(feature = "faults")]
+        if poison_rate > 0.0 && rand::random::<f64>() < poison_rate {
+            // fault.poison_rate: a corrupted body exercises the bad-input path.
+            b.truncate(b.len() / 2);
+            b.extend_from_slice(b"\xff<poison>");
+        }
+        batch.push(OutgoingMessage {
+            body: b,
+            headers: headers.clone(),
+            delay: args.delay.unwrap_or_default(),
+            ..OutgoingMessage::default()
+        });
+        if batch.len() == SEND_CHUNK || seq + 1 == args.count {
+            let n = batch.len();
+            let ids = t.publish(std::mem::take(&mut batch)).await?;
+            sent += n;
+            if args.count == 1 {
+                println!("{}", ids[0]);
+            }
+        }
+    }
+    if args.count != 1 {
+        println!("sent {sent} message(s) to {}", settings.queue);
+    }
+    Ok(Outcome::Done)
+}
+
+/// `dlq list` and `dlq show`.
+pub(super) async fn dlq(t: &AnyTransport, command: DlqCommand) -> Result<Outcome> {
+    match command {
+        DlqCommand::List { limit, json } => {
+            let items = t.dlq_list(limit).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&items).expect("serializes")
+                );
+            } else {
+                print::dead_letters(&items);
+            }
+        }
+        DlqCommand::Show { id, json } => match t.dlq_get(&id).await? {
+            None => {
+                eprintln!("error: no dead letter with id {id}");
+                return Ok(Outcome::NotFound);
+            }
+            Some(dl) if json => {
+                println!("{}", serde_json::to_string_pretty(&dl).expect("serializes"))
+            }
+            Some(dl) => print::dead_letter(&dl),
+        },
+    }
+    Ok(Outcome::Done)
+}
+
+/// `redrive`: the shared loop (`dlq.rs`) with the command's filter.
+pub(super) async fn redrive(
+    t: &AnyTransport,
+    filter: &RedriveFilter,
+    json: bool,
+) -> Result<Outcome> {
+    if let Some(rate) = filter.rate {
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "--rate {rate}: must be a positive number of messages per second"
+            )));
+        }
+    }
+    let moved = t.redrive(filter).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&moved).expect("serializes")
+        );
+    } else {
+        print::redriven(&moved, filter.dry_run);
+    }
+    Ok(Outcome::Done)
+}
+
+/// `stats`.
+pub(super) async fn stats(t: &AnyTransport, settings: &Settings, json: bool) -> Result<Outcome> {
+    let s = t.stats().await?;
+    if json {
+        println!("{}", serde_json::to_string(&s).expect("serializes"));
+    } else {
+        print::stats(&settings.queue, &s);
+    }
+    Ok(Outcome::Done)
+}
+
+/// `provision`: the queues, and what the idempotency store needs beyond its schema.
+pub(super) async fn provision(t: AnyTransport, settings: &Settings) -> Result<Outcome> {
+    t.provision().await?;
+    println!("provisioned queue {}", settings.queue);
+    if let Some(store) = AnyStore::open(settings).await? {
+        store.provision().await?;
+        println!(
+            "provisioned the {} idempotency store",
+            settings.store.kind.name()
+        );
+    }
+    Ok(Outcome::Done)
+}

@@ -1,0 +1,68 @@
+//! What the queue commands print for people (`--json` prints the types as JSON instead).
+
+use crate::{dead_letter::DeadLetter, message::QueueStats, text::one_line};
+
+pub(super) fn dead_letters(items: &[DeadLetter]) {
+    if items.is_empty() {
+        println!("dead-letter queue is empty");
+        return;
+    }
+    println!(
+        "{:<36}  {:>8}  {:<10}  last error",
+        "id", "attempts", "class"
+    );
+    for dl in items {
+        println!(
+            "{:<36}  {:>8}  {:<10}  {}",
+            dl.id,
+            dl.attempts,
+            dl.error_class.as_str(),
+            one_line(&dl.last_error, 80)
+        );
+    }
+}
+
+pub(super) fn dead_letter(dl: &DeadLetter) {
+    println!("id                {}", dl.id);
+    println!("function          {}", dl.function);
+    println!("original queue    {}", dl.original_queue);
+    println!("error class       {}", dl.error_class.as_str());
+    println!("attempts          {}", dl.attempts);
+    println!("first failure at  {}", dl.first_failure_at);
+    println!("last failure at   {}", dl.last_failure_at);
+    println!("dead-lettered at  {}", dl.dead_lettered_at);
+    println!("redriven before   {}", dl.redriven);
+    if let Some(from) = &dl.redriven_from {
+        println!("redriven from     {from}");
+    }
+    println!("last error        {}", dl.last_error);
+    for (k, v) in &dl.headers {
+        println!("header            {k}: {v}");
+    }
+    match (&dl.body, &dl.body_hex) {
+        (Some(b), _) => println!("body              {b}"),
+        (None, Some(h)) => println!("body (hex)        {h}"),
+        _ => {}
+    }
+}
+
+pub(super) fn redriven(moved: &[DeadLetter], dry_run: bool) {
+    let verb = if dry_run { "would redrive" } else { "redrove" };
+    println!("{verb} {} message(s)", moved.len());
+    for dl in moved {
+        println!(
+            "  {}  {:<10} {}",
+            dl.id,
+            dl.error_class.as_str(),
+            one_line(&dl.last_error, 90)
+        );
+    }
+}
+
+pub(super) fn stats(queue: &str, s: &QueueStats) {
+    println!("queue          {queue}");
+    println!("ready          {}", s.ready);
+    println!("in_flight      {}", s.in_flight);
+    println!("delayed        {}", s.delayed);
+    println!("dead_lettered  {}", s.dead_lettered);
+}
