@@ -421,3 +421,133 @@ where
     );
     t.ack(&a).await.unwrap();
 }
+
+/// A message put on the queue by a raw client of the broker, not through the adapter.
+#[derive(Debug, Clone)]
+pub struct Forged {
+    /// The body.
+    pub body: Vec<u8>,
+    /// `sluice-*` names and raw text values.
+    pub fields: Vec<(String, String)>,
+    /// Written where the transport writes the envelope of its own copies (AMQP: through the
+    /// default exchange with `sluice-retries`; SQS: in `sluice-meta`; SQLite: the envelope
+    /// column). Otherwise the fields are plain producer headers.
+    pub as_copy: bool,
+}
+
+impl Forged {
+    fn copy(fields: &[(&str, &str)]) -> Self {
+        Self {
+            body: b"{\"forged\":true}".to_vec(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            as_copy: true,
+        }
+    }
+}
+
+/// Envelope fields a producer could forge on something that looks like one of our copies:
+/// every malformed or overflowing value makes the delivery carry a defect that names the
+/// field (the pipeline dead-letters it at once as bad input), the forged count never becomes
+/// the attempt, and nothing panics. The largest real count only raises the attempt, without
+/// wrapping. `forge(handle, message)` publishes with the broker's own client.
+pub async fn forged_envelope_fields_are_defects_and_never_wrap_the_attempt<T, F, Fut, G, GFut>(
+    make: F,
+    forge: G,
+) where
+    T: Transport,
+    F: Fn(TransportOptions) -> Fut,
+    Fut: Future<Output = T>,
+    G: Fn(&T, Forged) -> GFut,
+    GFut: Future<Output = ()>,
+{
+    use crate::envelope::field;
+    let long = "x".repeat(crate::envelope::MAX_FIELD_BYTES + 1);
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![(field::RETRIES, "4294967296")], field::RETRIES),
+        (vec![(field::RETRIES, "-3")], field::RETRIES),
+        (vec![(field::RETRIES, "1e9")], field::RETRIES),
+        (
+            vec![(field::RETRIES, "1"), (field::DUE_AT, "tomorrow")],
+            field::DUE_AT,
+        ),
+        (
+            vec![
+                (field::RETRIES, "1"),
+                (field::FIRST_FAILURE_AT, "2026-01-01T00:00:00Z"),
+                (field::LAST_FAILURE_AT, "2026-01-01T00:00:00Z"),
+                (field::ERROR_CLASS, "fatal"),
+            ],
+            field::ERROR_CLASS,
+        ),
+        (
+            vec![(field::RETRIES, "1"), (field::LAST_ERROR, &long)],
+            field::LAST_ERROR,
+        ),
+        (
+            vec![(field::RETRIES, "1"), ("sluice-bogus", "1")],
+            "sluice-bogus",
+        ),
+        (
+            vec![(field::RETRIES, "1"), (field::ATTEMPTS, "3")],
+            "dead-letter mark",
+        ),
+    ];
+    let t = make(options(LONG_LEASE, 5)).await;
+    for (fields, named) in &cases {
+        forge(&t, Forged::copy(fields)).await;
+        let d = receive_one(&t).await;
+        let (label, reason) = d
+            .defect
+            .clone()
+            .unwrap_or_else(|| panic!("{fields:?} was believed: {:?}", d.envelope));
+        assert_eq!(label, "malformed envelope", "{reason}");
+        assert!(reason.contains(named), "{named} not named in {reason:?}");
+        assert!(d.envelope.is_empty(), "a defective envelope is not believed");
+        assert!(d.attempt <= 2, "the forged count is not the attempt: {}", d.attempt);
+        assert_eq!(d.body, b"{\"forged\":true}", "bytes intact");
+        // The dead-letter copy of a defective message is always possible.
+        t.dead_letter(&d, &Failure::now(FailureClass::Permanent, reason))
+            .await
+            .expect("dead-letter the forged message");
+    }
+    forge(&t, Forged::copy(&[(field::RETRIES, "4294967295")])).await;
+    let d = receive_one(&t).await;
+    assert_eq!(d.defect, None, "{:?}", d.defect);
+    assert_eq!(d.attempt, u32::MAX, "the largest count saturates, never wraps");
+    t.ack(&d).await.expect("ack");
+    assert_eq!(
+        t.stats().await.unwrap().dead_lettered,
+        cases.len() as u64,
+        "every forged message dead-lettered"
+    );
+}
+
+/// `sluice-*` headers on a message that is not one of our copies are the producer's: they
+/// reach `Delivery::headers` (where the pipeline rejects them as forged) and change nothing.
+pub async fn sluice_headers_from_a_producer_stay_producer_headers<T, F, Fut, G, GFut>(
+    make: F,
+    forge: G,
+) where
+    T: Transport,
+    F: Fn(TransportOptions) -> Fut,
+    Fut: Future<Output = T>,
+    G: Fn(&T, Forged) -> GFut,
+    GFut: Future<Output = ()>,
+{
+    use crate::envelope::field;
+    let t = make(options(LONG_LEASE, 5)).await;
+    let mut forged = Forged::copy(&[(field::RETRIES, "7"), (field::REDRIVEN, "99")]);
+    forged.as_copy = false;
+    forge(&t, forged).await;
+    let d = receive_one(&t).await;
+    assert_eq!(d.attempt, 1, "a producer's sluice-retries is not an attempt count");
+    assert!(d.envelope.failure.is_none() && d.envelope.redrive.is_none());
+    assert_eq!(d.headers.get(field::RETRIES).map(String::as_str), Some("7"));
+    let limits = crate::config::LimitSettings::default();
+    let (label, _) = crate::message::check_input(&d.body, &d.headers, &limits).unwrap_err();
+    assert_eq!(label, "forged header");
+    t.ack(&d).await.unwrap();
+}

@@ -39,13 +39,14 @@ pub(super) fn delivery(r: &Row<'_>) -> rusqlite::Result<Delivery> {
     };
     let mut envelope = envelope;
     envelope.enqueued_at = Some(from_unix_ms(r.get(6)?));
-    // Retries are counted by the row itself (one row per message, every delivery counted).
+    // One row per message: the row counts every delivery, and the envelope carries no retries
+    // of ours (a row written by hand could: they only raise the attempt).
     let count = u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX);
     Ok(Delivery {
         id: r.get(1)?,
         body: r.get(2)?,
         headers: headers(&r.get::<_, String>(3)?),
-        attempt: count.max(1),
+        attempt: envelope.attempt(count),
         envelope,
         defect,
         receipt: Receipt(ReceiptKind::Embedded {
