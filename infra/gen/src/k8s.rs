@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{Function, Output};
+use crate::{yaml::yaml, Function, Output};
 
 /// The port of `telemetry.listen` in the pod (probes and Prometheus scrape it).
 const TELEMETRY_PORT: u16 = 9090;
@@ -343,71 +343,6 @@ fn scaled_object(f: &Function, d: &K8sDeploy, variant: Variant) -> Value {
     })
 }
 
-/// YAML block style from a JSON value: keys sorted (serde_json's map), strings as JSON
-/// double-quoted scalars (valid YAML, no quoting rules to get wrong), so the output is
-/// deterministic and diffs cleanly.
-pub fn yaml(v: &Value) -> String {
-    let mut out = String::new();
-    block(v, 0, &mut out);
-    out
-}
-
-fn scalar(v: &Value) -> Option<String> {
-    match v {
-        Value::Object(m) if m.is_empty() => Some("{}".into()),
-        Value::Array(a) if a.is_empty() => Some("[]".into()),
-        Value::Object(_) | Value::Array(_) => None,
-        other => Some(other.to_string()),
-    }
-}
-
-fn key(k: &str) -> String {
-    let plain = !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c))
-        && k.starts_with(|c: char| c.is_ascii_alphabetic());
-    if plain {
-        k.to_owned()
-    } else {
-        Value::from(k).to_string()
-    }
-}
-
-/// Writes the entries of `v` (an object or array), each line at `indent` spaces.
-fn block(v: &Value, indent: usize, out: &mut String) {
-    let pad = " ".repeat(indent);
-    match v {
-        Value::Object(m) => {
-            for (k, val) in m {
-                match scalar(val) {
-                    Some(s) => out.push_str(&format!("{pad}{}: {s}\n", key(k))),
-                    None => {
-                        out.push_str(&format!("{pad}{}:\n", key(k)));
-                        // Sequences under a key sit at the key's indent (the common style).
-                        let child = if val.is_array() { indent } else { indent + 2 };
-                        block(val, child, out);
-                    }
-                }
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                match scalar(item) {
-                    Some(s) => out.push_str(&format!("{pad}- {s}\n")),
-                    None => {
-                        // The item's first line follows the dash; the rest align under it.
-                        let mut inner = String::new();
-                        block(item, indent + 2, &mut inner);
-                        let rest = inner.get(indent + 2..).unwrap_or_default();
-                        out.push_str(&format!("{pad}- {rest}"));
-                    }
-                }
-            }
-        }
-        other => out.push_str(&format!("{pad}{other}\n")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,17 +413,5 @@ mod tests {
         let err = format!("{:#}", render(&[f]).err().unwrap());
         assert!(err.contains("deploy.kubernetes"), "{err}");
         assert!(err.contains("replicas"), "{err}");
-    }
-
-    #[test]
-    fn yaml_nests_maps_and_sequences() {
-        let v = json!({
-            "a": { "b": [1, { "c": "x", "d": [] }], "e": {} },
-            "weird key": "q\"uote",
-        });
-        assert_eq!(
-            yaml(&v),
-            "a:\n  b:\n  - 1\n  - c: \"x\"\n    d: []\n  e: {}\n\"weird key\": \"q\\\"uote\"\n"
-        );
     }
 }

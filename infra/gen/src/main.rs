@@ -10,6 +10,7 @@
 mod aws;
 mod k8s;
 mod rabbitmq;
+mod yaml;
 
 use std::{
     path::{Path, PathBuf},
