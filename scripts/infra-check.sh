@@ -65,7 +65,10 @@ for t in "${templates[@]}"; do
     stack=infra-check-$(basename "${t%.*}")
     args=(--stack "$stack" --template "$t")
     if [[ $t == *.json ]]; then
-        args+=(--code-zip "$work/bootstrap.zip")
+        # TrafficShifting=None: moto creates no Lambda alias (a reference to one resolves to
+        # nothing, so the mapping on the alias fails) and no CodeDeploy resources; the staged
+        # resources are checked by cfn-lint above, and docs/deploy.md lists what moto does.
+        args+=(--code-zip "$work/bootstrap.zip" --param TrafficShifting=None)
     fi
     "$VENV/bin/python" scripts/cfn-deploy.py "${args[@]}" >"$work/$stack.json"
     n=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["resources"]))' "$work/$stack.json")
