@@ -158,7 +158,14 @@ class Exporter:
             self.n += 1
             n = self.n
         out = []
-        for fn, version in (("charge-payment", "1.2.0"), ("charge-payment", "1.3.0"), ("deliver-webhook", "1.2.0")):
+        # Two versions of each function: a stable one and a canary (Argo Rollouts' analysis
+        # compares them by this label).
+        for fn, version in (
+            ("charge-payment", "1.2.0"),
+            ("charge-payment", "1.3.0"),
+            ("deliver-webhook", "1.2.0"),
+            ("deliver-webhook", "1.3.0"),
+        ):
             base = f'function="{fn}",queue="{fn}",version="{version}"'
             for outcome, cls, per in (
                 ("succeeded", "none", 50),
@@ -261,6 +268,8 @@ def cmd_selftest(args):
             time.sleep(0.25)
         # $__rate_interval: 10 s spans several 1 s scrapes, as Grafana's 4 x scrape interval.
         n, failed = run(base, "charge-payment", "10s", require_data=True)
+        analysed, analysis_failed = run_analysis(base)
+        failed += analysis_failed
     finally:
         proc.terminate()
         try:
@@ -270,8 +279,38 @@ def cmd_selftest(args):
         server.shutdown()
         log.close()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"grafana: {n - failed} of {n} queries answered with data on a real Prometheus (synthetic contract series)")
+    print(f"analysis: {analysed - analysis_failed} of {analysed} AnalysisTemplate queries answered one number")
+    print(f"grafana: {n - failed + analysis_failed} of {n} queries answered with data on a real Prometheus (synthetic contract series)")
     return 1 if failed else 0
+
+
+def run_analysis(base):
+    """The Argo Rollouts AnalysisTemplates' queries (infra/k8s/*/rollout-*/), with the canary
+    as version 1.3.0 and the stable version as 1.2.0: each must answer exactly one finite
+    number, as the analysis reads `result[0]`. Needs PyYAML (the project venv has it, with
+    cfn-lint); without it they are skipped, and said so."""
+    try:
+        import yaml
+    except ImportError:
+        print("grafana-queries: PyYAML missing: AnalysisTemplate queries not run", file=sys.stderr)
+        return 0, 0
+    n = failed = 0
+    for path in sorted(ROOT.glob("infra/k8s/*/rollout-*/analysistemplate.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        for m in doc["spec"]["metrics"]:
+            expr = m["provider"]["prometheus"]["query"]
+            expr = expr.replace("{{args.canary-hash}}", "1.3.0").replace("{{args.stable-hash}}", "1.2.0")
+            n += 1
+            result, error = query(base, expr)
+            if error is None:
+                values = [float(r["value"][1]) for r in result]
+                if len(values) != 1 or values[0] != values[0] or values[0] in (float("inf"), float("-inf")):
+                    error = f"expected one finite number, got {values}"
+            if error:
+                failed += 1
+            print(json.dumps({"analysis": str(path.relative_to(ROOT)), "metric": m["name"],
+                              "result": None if error else values[0], "error": error}))
+    return n, failed
 
 
 def main():

@@ -9,7 +9,8 @@
 #   5. the Prometheus rules (infra/prometheus/alerts.yml): `promtool check rules`, and
 #      `promtool test rules` on the unit tests in infra/prometheus/tests/ (synthetic series,
 #      which alerts fire and which do not); the Grafana dashboard's queries parsed, then run
-#      on a real Prometheus scraping synthetic contract series (scripts/grafana-queries.py).
+#      (with the Argo Rollouts AnalysisTemplates' queries) on a real Prometheus scraping
+#      synthetic contract series (scripts/grafana-queries.py).
 #      Prometheus and promtool are Debian's package, installed by scripts/prometheus.sh.
 # The last line is the summary: `infra: N templates linted, M resources deployed, K manifests
 # valid, R rules valid, T rule test files passed, Q dashboard queries answered`.
@@ -30,7 +31,8 @@ target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import js
 # 5, started now: the dashboard queries on a Prometheus of their own mostly wait for scrapes
 # (about 10 s), which overlaps the linting and deploys below.
 work=$(mktemp -d)
-python3 scripts/grafana-queries.py selftest >"$work/grafana.out" 2>&1 &
+# The venv's python: it has PyYAML (cfn-lint's), for the AnalysisTemplates' queries.
+"$VENV/bin/python" scripts/grafana-queries.py selftest >"$work/grafana.out" 2>&1 &
 grafana_pid=$!
 
 # 3. Deploy into a moto of our own (started first, it boots while cfn-lint runs), never one a developer or `just test` is using, and never
@@ -103,7 +105,7 @@ if ! wait $grafana_pid; then
 fi
 grafana_pid=
 last=$(tail -n 1 "$work/grafana.out")
-echo "$last" >&2
+tail -n 2 "$work/grafana.out" >&2
 queries=$(sed -n 's/^grafana: \([0-9]*\) of [0-9]* queries answered.*/\1/p' <<<"$last")
 
 echo "infra: $linted templates linted, $deployed resources deployed, $manifests manifests valid, $rules rules valid, ${#rule_tests[@]} rule test files passed, $queries dashboard queries answered"
