@@ -97,6 +97,22 @@ echo "$rules_out" >&2
 rules=$(sed -n 's/^ *SUCCESS: \([0-9]*\) rules found$/\1/p' <<<"$rules_out")
 rule_tests=(infra/prometheus/tests/*.yml)
 "$promtool" test rules "${rule_tests[@]}" >&2
+# The rule tests must be able to fail: with the fast burn's 5-minute window widened to 30
+# minutes, the alert no longer resets minutes after a fix, and burn-rate-fast.yml must say so.
+mutant=$work/rules-self-check
+mkdir -p "$mutant/tests"
+sed 's/ratio_rate5m{function="charge-payment"} > 0.0144$/ratio_rate30m{function="charge-payment"} > 0.0144/' \
+    infra/prometheus/alerts.yml >"$mutant/alerts.yml"
+cp infra/prometheus/tests/burn-rate-fast.yml "$mutant/tests/"
+if cmp -s "$mutant/alerts.yml" infra/prometheus/alerts.yml; then
+    echo "infra: rule self-check: the edit did not apply (alerts.yml layout changed?)" >&2
+    exit 1
+fi
+if "$promtool" test rules "$mutant/tests/burn-rate-fast.yml" >/dev/null 2>&1; then
+    echo "infra: rule self-check failed: burn-rate-fast.yml passed with the fast burn's short window widened" >&2
+    exit 1
+fi
+echo "infra: rule self-check: a widened short window fails burn-rate-fast.yml" >&2
 python3 scripts/grafana-queries.py check >&2
 if ! wait $grafana_pid; then
     cat "$work/grafana.out" >&2
