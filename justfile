@@ -88,7 +88,7 @@ package arch="x86_64":
         printf '%-18s %-8s %12s %12s\n' $fn {{arch}} "$bin" "$(stat -c %s "$zip")"
     done
 
-# Deploy files: drift against each sluice.toml, cfn-lint on every template, a deploy of each into moto, the k8s manifests; last line `infra: N templates linted, M resources deployed, K manifests valid`.
+# Deploy files: drift against each sluice.toml, cfn-lint on every template, a deploy of each into moto, the k8s manifests, promtool check/test rules, the dashboard's queries on Prometheus; last line `infra: N templates linted, M resources deployed, K manifests valid, R rules valid, T rule test files passed, Q dashboard queries answered`.
 infra-check:
     scripts/infra-check.sh
 

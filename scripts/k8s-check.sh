@@ -33,6 +33,8 @@ schema_for() {
     PodDisruptionBudget) echo "$SCHEMAS/poddisruptionbudget-policy-v1.json" ;;
     ScaledObject) echo "$SCHEMAS/scaledobject-keda-v1alpha1.json" ;;
     TriggerAuthentication) echo "$SCHEMAS/triggerauthentication-keda-v1alpha1.json" ;;
+    Rollout) echo "$SCHEMAS/rollout-argoproj-v1alpha1.json" ;;
+    AnalysisTemplate) echo "$SCHEMAS/analysistemplate-argoproj-v1alpha1.json" ;;
     *) return 1 ;;
     esac
 }
@@ -64,8 +66,9 @@ for kind in "${!by_kind[@]}"; do
     validate "$(schema_for "$kind")" "${files[@]}" >&2
 done
 
-# The validator must be able to fail: an unknown field and a wrong type, in both a
-# Kubernetes schema and a KEDA one, each has to be rejected.
+# The validator must be able to fail: an unknown field and a wrong type, in a Kubernetes
+# schema, a KEDA one and the Argo Rollouts ones (the pod template inside a Rollout included),
+# each has to be rejected.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 deployment=$(find infra/k8s -path '*/rabbitmq/deployment.yaml' | sort | head -n1)
@@ -74,9 +77,23 @@ sed 's/^\( *\)livenessProbe:$/\1livenessProbes:/' "$deployment" >"$scratch/unkno
 sed 's/^\( *\)terminationGracePeriodSeconds: \([0-9]*\)$/\1terminationGracePeriodSeconds: "\2"/' "$deployment" >"$scratch/wrong-type.yaml"
 sed 's/^\( *\)pollingInterval: /\1pollingIntervalSeconds: /' "$scaledobject" >"$scratch/keda-unknown-field.yaml"
 sed 's/^\( *\)maxReplicaCount: \([0-9]*\)$/\1maxReplicaCount: "\2"/' "$scaledobject" >"$scratch/keda-wrong-type.yaml"
-for bad in unknown-field wrong-type keda-unknown-field keda-wrong-type; do
-    case $bad in keda-*) schema=$(schema_for ScaledObject) ;; *) schema=$(schema_for Deployment) ;; esac
-    if cmp -s "$scratch/$bad.yaml" "$deployment" || cmp -s "$scratch/$bad.yaml" "$scaledobject"; then
+rollout=$(find infra/k8s -path '*/rollout-rabbitmq/rollout.yaml' | sort | head -n1)
+analysis=$(find infra/k8s -path '*/rollout-rabbitmq/analysistemplate.yaml' | sort | head -n1)
+sed 's/^\( *\)startingStep: /\1startStep: /' "$rollout" >"$scratch/rollout-unknown-field.yaml"
+sed 's/^\( *\)- setWeight: \([0-9]*\)$/\1- setWeight: "\2"/' "$rollout" >"$scratch/rollout-wrong-type.yaml"
+sed 's/^\( *\)readinessProbe:$/\1readinessProbes:/' "$rollout" >"$scratch/rollout-pod-unknown-field.yaml"
+sed 's/^\( *\)failureLimit: [0-9]*$/\1failureLimit: true/' "$analysis" >"$scratch/analysis-wrong-type.yaml"
+sed 's/^\( *\)successCondition: /\1successConditions: /' "$analysis" >"$scratch/analysis-unknown-field.yaml"
+selfchecks=(unknown-field wrong-type keda-unknown-field keda-wrong-type rollout-unknown-field
+    rollout-wrong-type rollout-pod-unknown-field analysis-wrong-type analysis-unknown-field)
+for bad in "${selfchecks[@]}"; do
+    case $bad in
+    keda-*) schema=$(schema_for ScaledObject) original=$scaledobject ;;
+    rollout-*) schema=$(schema_for Rollout) original=$rollout ;;
+    analysis-*) schema=$(schema_for AnalysisTemplate) original=$analysis ;;
+    *) schema=$(schema_for Deployment) original=$deployment ;;
+    esac
+    if cmp -s "$scratch/$bad.yaml" "$original"; then
         echo "k8s-check: self-check $bad: the edit did not apply (manifest layout changed?)" >&2
         exit 1
     fi
@@ -85,7 +102,7 @@ for bad in unknown-field wrong-type keda-unknown-field keda-wrong-type; do
         exit 1
     fi
 done
-echo "k8s-check: self-check: unknown fields and wrong types are rejected (4 of 4)" >&2
+echo "k8s-check: self-check: unknown fields and wrong types are rejected (${#selfchecks[@]} of ${#selfchecks[@]})" >&2
 
 "$VENV/bin/hadolint" --no-color infra/docker/Dockerfile >&2
 echo "k8s-check: hadolint: infra/docker/Dockerfile clean" >&2

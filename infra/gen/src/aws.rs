@@ -17,10 +17,19 @@
 //! | default queue and function name | `queue` |
 //!
 //! Deployment-only knobs (memory, batch size and window, `MaximumConcurrency`, architecture,
-//! extra environment, secrets, the age alarm) come from `[deploy.lambda]`, [`LambdaDeploy`].
-//! The rest are CloudFormation parameters chosen at deploy time (names, code location, alarm
-//! topic, and `DeployFunction=false` for queues, bucket and alarms only: a container worker,
-//! or an emulator that cannot run Lambda). docs/deploy.md explains each choice.
+//! extra environment, secrets, the age alarm, the CodeDeploy configuration) come from
+//! `[deploy.lambda]`, [`LambdaDeploy`]; the alarm thresholds on the function's own metrics
+//! from `[deploy.slo]` ([`Slo`]). The rest are CloudFormation parameters chosen at deploy time
+//! (names, code location, alarm topic, `DeployFunction=false` for queues, bucket and alarms
+//! only: a container worker, or an emulator that cannot run Lambda; `TrafficShifting=None`
+//! for no alias or CodeDeploy). docs/deploy.md explains each choice.
+//!
+//! Staged rollout, as SAM's `AutoPublishAlias` + `DeploymentPreference` would generate it:
+//! each deploy publishes a version (`Version`, replaced whenever the code or the function's
+//! configuration changes), the alias `live` points at it with an `UpdatePolicy` of
+//! `CodeDeployLambdaAliasUpdate`, so CloudFormation hands the alias change to CodeDeploy,
+//! which shifts traffic by `DeploymentConfig` (10 % for 5 minutes, then all, by default) and
+//! rolls back when the error-ratio alarm fires. The event source mapping invokes the alias.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -28,7 +37,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{Function, Output};
+use crate::{slo::num, slo::Slo, Function, Output};
 
 /// Lambda's own safety margin (`sluice::lambda::SAFETY_MARGIN`, 1.5 s) rounded up: the
 /// handler gets the invocation's remaining time minus it.
@@ -45,6 +54,24 @@ const MAX_VISIBILITY_SECS: u64 = 43_200;
 const DLQ_RETENTION_SECS: u64 = 1_209_600;
 /// SQS's documented message size limit; moto defaults to 1 MiB, so it is set explicitly.
 const MAX_MESSAGE_BYTES: u64 = 262_144;
+/// The CloudWatch namespace of the function's EMF metrics: the default of
+/// `telemetry.emf_namespace` (the METRICS CONTRACT); the alarms read it.
+const EMF_NAMESPACE: &str = "Sluice";
+/// The alias the event source mapping invokes and CodeDeploy shifts.
+const ALIAS: &str = "live";
+/// CodeDeploy's predefined Lambda configurations (`CodeDeployDefault.*`); any other name is a
+/// custom configuration the account must have created.
+const PREDEFINED_CONFIGS: [&str; 9] = [
+    "CodeDeployDefault.LambdaCanary10Percent5Minutes",
+    "CodeDeployDefault.LambdaCanary10Percent10Minutes",
+    "CodeDeployDefault.LambdaCanary10Percent15Minutes",
+    "CodeDeployDefault.LambdaCanary10Percent30Minutes",
+    "CodeDeployDefault.LambdaLinear10PercentEvery1Minute",
+    "CodeDeployDefault.LambdaLinear10PercentEvery2Minutes",
+    "CodeDeployDefault.LambdaLinear10PercentEvery3Minutes",
+    "CodeDeployDefault.LambdaLinear10PercentEvery10Minutes",
+    "CodeDeployDefault.LambdaAllAtOnce",
+];
 /// Variables the template sets itself from its own resources.
 const GENERATED_ENV: [&str; 5] = [
     "SLUICE__TRANSPORT__KIND",
@@ -85,6 +112,9 @@ pub struct LambdaDeploy {
     pub oldest_message_alarm: Duration,
     /// Days the function's log group keeps logs.
     pub log_retention_days: u32,
+    /// The default of the `DeploymentConfig` parameter: how CodeDeploy shifts traffic to a
+    /// new version (a `CodeDeployDefault.Lambda*` name, or a custom configuration's).
+    pub deployment_config: String,
 }
 
 impl Default for LambdaDeploy {
@@ -101,6 +131,7 @@ impl Default for LambdaDeploy {
             secrets: BTreeMap::new(),
             oldest_message_alarm: Duration::from_secs(15 * 60),
             log_retention_days: 14,
+            deployment_config: PREDEFINED_CONFIGS[0].into(),
         }
     }
 }
@@ -192,6 +223,19 @@ fn check(deploy: &LambdaDeploy) -> Result<()> {
             }
         }
     }
+    let config = deploy.deployment_config.as_str();
+    if config.is_empty()
+        || (config.starts_with("CodeDeployDefault.") && !PREDEFINED_CONFIGS.contains(&config))
+    {
+        return bad(
+            "deployment_config",
+            format!(
+                "{config:?} is not one of CodeDeploy's Lambda configurations \
+                 (CodeDeployDefault.LambdaCanary10Percent5Minutes, ...LambdaLinear10PercentEvery1Minute, \
+                 ...LambdaAllAtOnce; docs/deploy.md) nor a custom configuration's name"
+            ),
+        );
+    }
     if let Some(key) = deploy.env.keys().find(|k| deploy.secrets.contains_key(*k)) {
         return bad(
             &format!("secrets.{key}"),
@@ -218,6 +262,7 @@ fn template(f: &Function) -> Result<Value> {
     let s = &f.settings;
     let deploy: LambdaDeploy = s.deploy("lambda")?;
     check(&deploy)?;
+    let slo = Slo::of(f)?;
     let timeout = lambda_timeout(f, &deploy)?;
     let visibility = timeout * VISIBILITY_FACTOR;
     if visibility > MAX_VISIBILITY_SECS {
@@ -304,12 +349,13 @@ fn template(f: &Function) -> Result<Value> {
         })
     };
 
-    let template = json!({
+    let mut template = json!({
         "AWSTemplateFormatVersion": "2010-09-09",
         "Description": format!(
             "Sluice function {name} on AWS Lambda behind SQS: work queue, DLQ, S3 idempotency \
-             store, alarms, role, function, event source mapping. Generated by sluice-infra from \
-             functions/{name}/sluice.toml; do not edit (just infra-generate)."
+             store, alarms, role, function, version and alias shifted by CodeDeploy, event source \
+             mapping. Generated by sluice-infra from functions/{name}/sluice.toml; do not edit \
+             (just infra-generate)."
         ),
         "Parameters": {
             "Name": {
@@ -577,7 +623,264 @@ fn template(f: &Function) -> Result<Value> {
             },
         },
     });
+    staged_rollout(&mut template, f, &deploy, &slo)?;
     Ok(template)
+}
+
+/// FNV-1a, 64 bits: a stable fingerprint of the function's configuration (std's hasher may
+/// change between Rust releases, and the drift check compares the output byte for byte).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// One metric of the function's EMF document, as a metric-math input.
+fn emf_metric(id: &str, f: &Function, metric: &str, stat: &str) -> Value {
+    json!({
+        "Id": id,
+        "MetricStat": {
+            "Metric": {
+                "Namespace": EMF_NAMESPACE,
+                "MetricName": metric,
+                "Dimensions": [
+                    { "Name": "function", "Value": f.name },
+                    { "Name": "queue", "Value": { "Fn::GetAtt": ["Queue", "QueueName"] } },
+                ],
+            },
+            "Period": 60,
+            "Stat": stat,
+        },
+        "ReturnData": false,
+    })
+}
+
+/// The alarms on the function's EMF metrics, the published version, the alias, CodeDeploy's
+/// application, deployment group and role, and the event source mapping pointed at the alias.
+fn staged_rollout(t: &mut Value, f: &Function, deploy: &LambdaDeploy, slo: &Slo) -> Result<()> {
+    let alarm_actions = json!({
+        "Fn::If": ["HasAlarmTopic", [r("AlarmTopicArn")], r("AWS::NoValue")]
+    });
+    // 3 of the last 5 minutes: one noisy minute (a single batch of retries on a quiet queue)
+    // does not roll a deploy back, a canary failing for 3 minutes of its 5 does.
+    let per_minute = json!({
+        "EvaluationPeriods": 5,
+        "DatapointsToAlarm": 3,
+        "ComparisonOperator": "GreaterThanThreshold",
+        // No invocations, no data points: nothing is failing.
+        "TreatMissingData": "notBreaching",
+        "AlarmActions": alarm_actions.clone(),
+        "OKActions": alarm_actions,
+    });
+    let mut error_ratio = per_minute.clone();
+    error_ratio["AlarmDescription"] = sub(&format!(
+        "${{Name}}: more than {} of records retried or dead-lettered in 3 of the last 5 minutes \
+         (the CodeDeploy rollback trigger; docs/runbook.md)",
+        num(slo.error_ratio)
+    ));
+    error_ratio["Threshold"] = json!(slo.error_ratio);
+    error_ratio["Metrics"] = json!([
+        emf_metric("records", f, "Records", "Sum"),
+        emf_metric("retried", f, "Retried", "Sum"),
+        emf_metric("dead", f, "DeadLettered", "Sum"),
+        {
+            "Id": "ratio",
+            "Label": "error ratio",
+            // FILL: a minute with records but no Retried/DeadLettered data point is a minute
+            // without failures.
+            "Expression": "IF(records > 0, (FILL(retried, 0) + FILL(dead, 0)) / records, 0)",
+            "ReturnData": true,
+        },
+    ]);
+    let mut duration = per_minute;
+    let latency_ms = slo.latency_p95.as_millis();
+    duration["AlarmDescription"] = sub(&format!(
+        "${{Name}}: HandlerDuration p95 above {latency_ms} ms in 3 of the last 5 minutes \
+         (docs/runbook.md)"
+    ));
+    duration["Namespace"] = json!(EMF_NAMESPACE);
+    duration["MetricName"] = json!("HandlerDuration");
+    duration["Dimensions"] = json!([
+        { "Name": "function", "Value": f.name },
+        { "Name": "queue", "Value": { "Fn::GetAtt": ["Queue", "QueueName"] } },
+    ]);
+    duration["ExtendedStatistic"] = json!("p95");
+    duration["Period"] = json!(60);
+    duration["Threshold"] = json!(latency_ms as u64);
+
+    // A new version whenever the code or anything in the function's configuration changes:
+    // a Version's properties cannot be updated, so a changed Description replaces it, which
+    // publishes $LATEST as a new version. The code's key (a new key per build, docs/deploy.md)
+    // and a fingerprint of the generated configuration cover both.
+    let function_props = t["Resources"]["Function"]["Properties"].to_string();
+    let fingerprint = format!("{:016x}", fnv1a(function_props.as_bytes()));
+
+    let res = t["Resources"]
+        .as_object_mut()
+        .expect("Resources is an object");
+    res.insert(
+        "ErrorRatioAlarm".into(),
+        json!({ "Type": "AWS::CloudWatch::Alarm", "Condition": "WithFunction", "Properties": error_ratio }),
+    );
+    res.insert(
+        "DurationAlarm".into(),
+        json!({ "Type": "AWS::CloudWatch::Alarm", "Condition": "WithFunction", "Properties": duration }),
+    );
+    res.insert(
+        "Version".into(),
+        json!({
+            "Type": "AWS::Lambda::Version",
+            "Condition": "Staged",
+            // The old version must outlive its replacement: the alias still points at it
+            // while CodeDeploy shifts traffic, and a rollback returns to it.
+            "DeletionPolicy": "Retain",
+            "UpdateReplacePolicy": "Retain",
+            "Properties": {
+                "FunctionName": r("Function"),
+                "Description": sub(&format!(
+                    "s3://${{CodeBucket}}/${{CodeKey}} (${{Architecture}}), configuration {fingerprint}"
+                )),
+            },
+        }),
+    );
+    res.insert(
+        "Alias".into(),
+        json!({
+            "Type": "AWS::Lambda::Alias",
+            "Condition": "Staged",
+            // On the first deploy the alias is created on version 1 at once; every later
+            // change of FunctionVersion is a CodeDeploy deployment.
+            "UpdatePolicy": {
+                "CodeDeployLambdaAliasUpdate": {
+                    "ApplicationName": r("DeploymentApplication"),
+                    "DeploymentGroupName": r("DeploymentGroup"),
+                },
+            },
+            "Properties": {
+                "FunctionName": r("Function"),
+                "FunctionVersion": { "Fn::GetAtt": ["Version", "Version"] },
+                "Name": ALIAS,
+            },
+        }),
+    );
+    res.insert(
+        "DeploymentApplication".into(),
+        json!({
+            "Type": "AWS::CodeDeploy::Application",
+            "Condition": "Staged",
+            "Properties": { "ApplicationName": r("Name"), "ComputePlatform": "Lambda" },
+        }),
+    );
+    res.insert(
+        "DeploymentRole".into(),
+        json!({
+            "Type": "AWS::IAM::Role",
+            "Condition": "Staged",
+            "Properties": {
+                "AssumeRolePolicyDocument": {
+                    "Version": "2012-10-17",
+                    "Statement": [{
+                        "Effect": "Allow",
+                        "Principal": { "Service": "codedeploy.amazonaws.com" },
+                        "Action": "sts:AssumeRole",
+                    }],
+                },
+                // Read alarms, get and update aliases; no SNS (no CodeDeploy triggers here).
+                "ManagedPolicyArns": [sub(
+                    "arn:${AWS::Partition}:iam::aws:policy/service-role/AWSCodeDeployRoleForLambdaLimited"
+                )],
+            },
+        }),
+    );
+    res.insert(
+        "DeploymentGroup".into(),
+        json!({
+            "Type": "AWS::CodeDeploy::DeploymentGroup",
+            "Condition": "Staged",
+            "Properties": {
+                "ApplicationName": r("DeploymentApplication"),
+                "DeploymentGroupName": r("Name"),
+                "ServiceRoleArn": arn("DeploymentRole"),
+                "DeploymentConfigName": r("DeploymentConfig"),
+                "DeploymentStyle": {
+                    "DeploymentType": "BLUE_GREEN",
+                    "DeploymentOption": "WITH_TRAFFIC_CONTROL",
+                },
+                "AlarmConfiguration": {
+                    "Enabled": true,
+                    "Alarms": [{ "Name": r("ErrorRatioAlarm") }],
+                },
+                // The alarm stops the deployment and the alias goes back to the old version;
+                // so does a failed deployment or `aws deploy stop-deployment`.
+                "AutoRollbackConfiguration": {
+                    "Enabled": true,
+                    "Events": [
+                        "DEPLOYMENT_FAILURE",
+                        "DEPLOYMENT_STOP_ON_ALARM",
+                        "DEPLOYMENT_STOP_ON_REQUEST",
+                    ],
+                },
+            },
+        }),
+    );
+    res["EventSourceMapping"]["Properties"]["FunctionName"] =
+        json!({ "Fn::If": ["Staged", r("Alias"), r("Function")] });
+
+    let params = t["Parameters"]
+        .as_object_mut()
+        .expect("Parameters is an object");
+    params.insert(
+        "TrafficShifting".into(),
+        json!({
+            "Type": "String",
+            "Default": "CodeDeploy",
+            "AllowedValues": ["CodeDeploy", "None"],
+            "Description": format!(
+                "CodeDeploy: the mapping invokes the alias `{ALIAS}`, each deploy publishes a \
+                 version and CodeDeploy shifts traffic to it by DeploymentConfig, rolling back \
+                 on the error-ratio alarm. None: no version, alias or CodeDeploy; the mapping \
+                 invokes $LATEST and a deploy replaces the code at once (an emulator such as \
+                 moto, which creates neither aliases nor CodeDeploy resources)."
+            ),
+        }),
+    );
+    params.insert(
+        "DeploymentConfig".into(),
+        json!({
+            "Type": "String",
+            "Default": deploy.deployment_config,
+            "AllowedPattern": "[A-Za-z0-9._-]{1,100}",
+            "Description": "How CodeDeploy shifts traffic to a new version, e.g. \
+                CodeDeployDefault.LambdaCanary10Percent5Minutes, \
+                CodeDeployDefault.LambdaLinear10PercentEvery1Minute, \
+                CodeDeployDefault.LambdaAllAtOnce (an urgent fix; the alarm still rolls back).",
+        }),
+    );
+    t["Conditions"]["Staged"] = json!({
+        "Fn::And": [
+            { "Condition": "WithFunction" },
+            { "Fn::Equals": [r("TrafficShifting"), "CodeDeploy"] },
+        ]
+    });
+    let outputs = t["Outputs"].as_object_mut().expect("Outputs is an object");
+    outputs.insert(
+        "AliasArn".into(),
+        json!({
+            "Condition": "Staged",
+            "Description": "What the event source mapping invokes",
+            "Value": r("Alias"),
+        }),
+    );
+    outputs.insert(
+        "DeploymentGroup".into(),
+        json!({
+            "Condition": "Staged",
+            "Description": "CodeDeploy application and deployment group (`aws deploy list-deployments \
+                --application-name <this> --deployment-group-name <this>`)",
+            "Value": r("DeploymentGroup"),
+        }),
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -737,6 +1040,141 @@ mod tests {
             let msg = format!("{err:#}");
             assert!(msg.contains(&format!("key `{key}")), "{toml}: {msg}");
         }
+    }
+
+    #[test]
+    fn the_mapping_invokes_the_alias_that_codedeploy_shifts_and_the_error_alarm_rolls_back() {
+        let t = rendered(&function("f", ""));
+        let res = &t["Resources"];
+        assert_eq!(
+            res["EventSourceMapping"]["Properties"]["FunctionName"],
+            json!({ "Fn::If": ["Staged", { "Ref": "Alias" }, { "Ref": "Function" }] })
+        );
+        let alias = &res["Alias"];
+        assert_eq!(alias["Properties"]["Name"], "live");
+        assert_eq!(
+            alias["Properties"]["FunctionVersion"],
+            json!({ "Fn::GetAtt": ["Version", "Version"] })
+        );
+        assert_eq!(
+            alias["UpdatePolicy"]["CodeDeployLambdaAliasUpdate"],
+            json!({
+                "ApplicationName": { "Ref": "DeploymentApplication" },
+                "DeploymentGroupName": { "Ref": "DeploymentGroup" },
+            })
+        );
+        let group = &res["DeploymentGroup"]["Properties"];
+        assert_eq!(
+            group["DeploymentConfigName"],
+            json!({ "Ref": "DeploymentConfig" })
+        );
+        assert_eq!(
+            t["Parameters"]["DeploymentConfig"]["Default"],
+            "CodeDeployDefault.LambdaCanary10Percent5Minutes"
+        );
+        assert_eq!(
+            group["AlarmConfiguration"]["Alarms"],
+            json!([{ "Name": { "Ref": "ErrorRatioAlarm" } }])
+        );
+        let events = group["AutoRollbackConfiguration"]["Events"]
+            .as_array()
+            .unwrap();
+        for e in ["DEPLOYMENT_FAILURE", "DEPLOYMENT_STOP_ON_ALARM"] {
+            assert!(events.contains(&json!(e)), "{events:?}");
+        }
+        assert_eq!(res["Version"]["DeletionPolicy"], "Retain");
+        for logical in [
+            "Version",
+            "Alias",
+            "DeploymentApplication",
+            "DeploymentGroup",
+            "DeploymentRole",
+        ] {
+            assert_eq!(res[logical]["Condition"], "Staged", "{logical}");
+        }
+    }
+
+    #[test]
+    fn alarm_thresholds_come_from_deploy_slo() {
+        let t = rendered(&function(
+            "f",
+            "[deploy.slo]\nerror_ratio = 0.02\nlatency_p95 = \"250ms\"\n",
+        ));
+        let res = &t["Resources"];
+        let ratio = &res["ErrorRatioAlarm"]["Properties"];
+        assert_eq!(ratio["Threshold"], 0.02);
+        let metrics = ratio["Metrics"].as_array().unwrap();
+        let names: Vec<&str> = metrics
+            .iter()
+            .filter_map(|m| m["MetricStat"]["Metric"]["MetricName"].as_str())
+            .collect();
+        assert_eq!(names, ["Records", "Retried", "DeadLettered"]);
+        assert_eq!(metrics[0]["MetricStat"]["Metric"]["Namespace"], "Sluice");
+        assert_eq!(
+            metrics[0]["MetricStat"]["Metric"]["Dimensions"][0],
+            json!({ "Name": "function", "Value": "f" })
+        );
+        assert_eq!(
+            metrics.iter().filter(|m| m["ReturnData"] == true).count(),
+            1
+        );
+        let duration = &res["DurationAlarm"]["Properties"];
+        assert_eq!(duration["ExtendedStatistic"], "p95");
+        assert_eq!(duration["Threshold"], 250);
+    }
+
+    #[test]
+    fn a_changed_configuration_publishes_a_new_version_and_the_same_one_does_not() {
+        let description = |toml: &str| {
+            rendered(&function("f", toml))["Resources"]["Version"]["Properties"]["Description"]
+                .clone()
+        };
+        assert_eq!(description(""), description(""));
+        assert_ne!(
+            description(""),
+            description("[deploy.lambda]\nmemory_mb = 256\n")
+        );
+        assert_ne!(
+            description(""),
+            description("[worker]\nhandler_timeout = \"20s\"\n")
+        );
+        // The code's key is in it too: a new build under a new key is a new version.
+        let d = description("");
+        assert!(
+            d["Fn::Sub"]
+                .as_str()
+                .unwrap()
+                .starts_with("s3://${CodeBucket}/${CodeKey} "),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn deploy_lambda_deployment_config_sets_the_default_and_a_bad_one_is_named() {
+        let t = rendered(&function(
+            "f",
+            "[deploy.lambda]\ndeployment_config = \"CodeDeployDefault.LambdaLinear10PercentEvery1Minute\"\n",
+        ));
+        assert_eq!(
+            t["Parameters"]["DeploymentConfig"]["Default"],
+            "CodeDeployDefault.LambdaLinear10PercentEvery1Minute"
+        );
+        // A custom configuration's name is the account's business.
+        render(&[function(
+            "f",
+            "[deploy.lambda]\ndeployment_config = \"Canary5Percent1Minute\"\n",
+        )])
+        .unwrap();
+        let err = render(&[function(
+            "f",
+            "[deploy.lambda]\ndeployment_config = \"CodeDeployDefault.LambdaCanary5Percent5Minutes\"\n",
+        )])
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("key `deploy.lambda.deployment_config`"),
+            "{err:#}"
+        );
     }
 
     #[test]

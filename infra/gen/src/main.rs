@@ -8,8 +8,12 @@
 //! `just infra-check` run it).
 
 mod aws;
+mod grafana;
 mod k8s;
+mod prometheus;
 mod rabbitmq;
+mod slo;
+mod yaml;
 
 use std::{
     path::{Path, PathBuf},
@@ -48,7 +52,7 @@ pub struct Function {
 }
 
 /// The `[deploy.<section>]` tables the generator knows; any other is a typo.
-const DEPLOY_SECTIONS: [&str; 2] = ["lambda", "kubernetes"];
+const DEPLOY_SECTIONS: [&str; 3] = ["lambda", "kubernetes", "slo"];
 
 /// One generated file.
 pub struct Output {
@@ -74,6 +78,8 @@ fn run(cli: &Cli) -> Result<ExitCode> {
     let mut outputs = aws::render(&functions)?;
     outputs.extend(k8s::render(&functions)?);
     outputs.extend(rabbitmq::render(&functions)?);
+    outputs.extend(prometheus::render(&functions)?);
+    outputs.extend(grafana::render(&functions)?);
     match cli.command {
         Command::Generate => {
             for out in &outputs {
