@@ -505,8 +505,15 @@ pub async fn forged_envelope_fields_are_defects_and_never_wrap_the_attempt<T, F,
             .unwrap_or_else(|| panic!("{fields:?} was believed: {:?}", d.envelope));
         assert_eq!(label, "malformed envelope", "{reason}");
         assert!(reason.contains(named), "{named} not named in {reason:?}");
-        assert!(d.envelope.is_empty(), "a defective envelope is not believed");
-        assert!(d.attempt <= 2, "the forged count is not the attempt: {}", d.attempt);
+        assert!(
+            d.envelope.is_empty(),
+            "a defective envelope is not believed"
+        );
+        assert!(
+            d.attempt <= 2,
+            "the forged count is not the attempt: {}",
+            d.attempt
+        );
         assert_eq!(d.body, b"{\"forged\":true}", "bytes intact");
         // The dead-letter copy of a defective message is always possible.
         t.dead_letter(&d, &Failure::now(FailureClass::Permanent, reason))
@@ -516,7 +523,11 @@ pub async fn forged_envelope_fields_are_defects_and_never_wrap_the_attempt<T, F,
     forge(&t, Forged::copy(&[(field::RETRIES, "4294967295")])).await;
     let d = receive_one(&t).await;
     assert_eq!(d.defect, None, "{:?}", d.defect);
-    assert_eq!(d.attempt, u32::MAX, "the largest count saturates, never wraps");
+    assert_eq!(
+        d.attempt,
+        u32::MAX,
+        "the largest count saturates, never wraps"
+    );
     t.ack(&d).await.expect("ack");
     assert_eq!(
         t.stats().await.unwrap().dead_lettered,
@@ -543,7 +554,10 @@ pub async fn sluice_headers_from_a_producer_stay_producer_headers<T, F, Fut, G, 
     forged.as_copy = false;
     forge(&t, forged).await;
     let d = receive_one(&t).await;
-    assert_eq!(d.attempt, 1, "a producer's sluice-retries is not an attempt count");
+    assert_eq!(
+        d.attempt, 1,
+        "a producer's sluice-retries is not an attempt count"
+    );
     assert!(d.envelope.failure.is_none() && d.envelope.redrive.is_none());
     assert_eq!(d.headers.get(field::RETRIES).map(String::as_str), Some("7"));
     let limits = crate::config::LimitSettings::default();
