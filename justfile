@@ -96,6 +96,10 @@ infra-check:
 infra-generate:
     cargo run --quiet -p sluice-infra -- generate
 
+# A new function: functions/NAME/ (Cargo.toml, sluice.toml, src/main.rs) and its deploy files, then the next commands; `just new-function thumbnail [--transport embedded|rabbitmq|sqs] [--store sqlite|postgres|redis|s3|none]` (README "Writing a function").
+new-function name *args:
+    cargo run --quiet -p sluice-infra -- new "{{name}}" {{args}}
+
 # Format check and clippy with warnings as errors.
 lint:
     cargo fmt --all --check
