@@ -113,7 +113,7 @@ fmt:
 fn name *args:
     cargo run --quiet -p {{name}} -- {{args}}
 
-# A function's container binary, built by the Dockerfile's own build script outside Docker (infra/docker/build.sh), into target/image/<fn>/; docs/deploy-kubernetes.md.
+# A function's container binary, built by the Dockerfile's own build script outside Docker (infra/docker/build.sh), into target/image/<fn>/; docs/deploy.md "Build the image".
 image-build fn:
     #!/usr/bin/env bash
     set -euo pipefail
