@@ -133,8 +133,10 @@ pub fn run(root: &Path, args: &NewArgs) -> Result<ExitCode> {
     let outputs = render_all(&functions)?;
 
     // `create_dir` (not `_all`): a folder made since the check above is refused, not merged.
+    // Everything is written before anything is printed, so a closed stdout cannot cut it short.
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::create_dir(dir.join("src"))?;
+    let mut report = String::new();
     for (file, contents) in [
         ("Cargo.toml", &files.cargo_toml),
         ("sluice.toml", &files.sluice_toml),
@@ -142,24 +144,25 @@ pub fn run(root: &Path, args: &NewArgs) -> Result<ExitCode> {
     ] {
         let path = dir.join(file);
         std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
-        println!("created functions/{name}/{file}");
+        report.push_str(&format!("created functions/{name}/{file}\n"));
     }
     let written = write_outputs(root, &outputs)?;
     for path in &written {
-        println!("wrote {}", path.display());
+        report.push_str(&format!("wrote {}\n", path.display()));
     }
-    println!(
-        "sluice-infra: {} deploy files written or updated, {} already up to date",
+    report.push_str(&format!(
+        "sluice-infra: {} deploy files written or updated, {} already up to date\n",
         written.len(),
         outputs.len() - written.len()
-    );
+    ));
     if !faults {
-        println!(
+        report.push_str(&format!(
             "note: this sluice has no cargo feature `faults` yet; functions/{name}/Cargo.toml \
-             carries the line commented out"
-        );
+             carries the line commented out\n"
+        ));
     }
-    print!("{}", next_steps(name, args.transport));
+    report.push_str(&next_steps(name, args.transport));
+    print!("{report}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -395,7 +398,8 @@ pub fn scaffold(
 
 fn transport_block(name: &str, transport: TransportChoice) -> String {
     let kind = "# Which broker: `embedded` (a SQLite file: no server, several processes on one host),\n\
-                # `rabbitmq` or `sqs`. Every build but the Lambda one carries all three (Cargo.toml).\n";
+                # `rabbitmq` or `sqs`. The default build carries all three, a `--no-default-features`\n\
+                # build only `embedded`, the Lambda build `embedded` and `sqs` (Cargo.toml).\n";
     let rest = match transport {
         TransportChoice::Embedded => "kind = \"embedded\"\n\
              # The queue file, relative to the working directory (its folder is created).\n\
