@@ -73,7 +73,7 @@ local-lambda fn *args:
     cargo run --quiet -p {{fn}} -- provision >&2
     cargo run --quiet -p sluice-tests --bin local-esm -- --function {{fn}} --queue "$SLUICE__TRANSPORT__URL" {{args}}
 
-# Lambda zips (`bootstrap`) per function under target/lambda/, with sizes: `just package` (x86_64) or `just package arm64` (needs the arm64 standard library, not installable here).
+# Lambda zips (`bootstrap`) of every function under target/lambda/, with sizes: `just package` (x86_64) or `just package arm64` (needs the arm64 standard library, not installable here).
 package arch="x86_64":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -81,7 +81,10 @@ package arch="x86_64":
     target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
     flag=$([ "{{arch}}" = arm64 ] && echo --arm64 || echo --x86-64)
     printf '%-18s %-8s %12s %12s\n' function arch binary zip
-    for fn in charge-payment deliver-webhook; do
+    # Every function under functions/, a new one (`just new-function`) included.
+    for dir in functions/*/; do
+        fn=$(basename "$dir")
+        [ -f "$dir/Cargo.toml" ] || continue
         scripts/lambda.sh cargo-lambda build --release $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
         zip="$target_dir/lambda/$fn/bootstrap.zip"
         bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
