@@ -15,7 +15,7 @@ demo *args:
     target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
     cargo run --quiet -p sluice-tests --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
 
-# Everything CI checks: format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
+# Everything CI checks: the docs' links, format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
 test: lint
     #!/usr/bin/env bash
     set -euo pipefail
@@ -103,8 +103,9 @@ infra-generate:
 new-function name *args:
     cargo run --quiet -p sluice-infra -- new "{{name}}" {{args}}
 
-# Format check and clippy with warnings as errors.
+# Relative links (and #anchors) in README.md and docs/*.md resolve, format check, and clippy with warnings as errors.
 lint:
+    scripts/check-links.py
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
 
