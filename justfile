@@ -101,7 +101,7 @@ infra-generate:
 
 # A new function: functions/NAME/ (Cargo.toml, sluice.toml, src/main.rs) and its deploy files, then the next commands; `just new-function thumbnail [--transport embedded|rabbitmq|sqs] [--store sqlite|postgres|redis|s3|none]` (README "Writing a function").
 new-function name *args:
-    cargo run --quiet -p sluice-infra -- new "{{name}}" {{args}}
+    @cargo run --quiet -p sluice-infra -- new "{{name}}" {{args}}
 
 # Relative links (and #anchors) in README.md and docs/*.md resolve, format check, and clippy with warnings as errors.
 lint:

@@ -186,13 +186,14 @@ pub fn name_problems(name: &str) -> Vec<String> {
             list.join(", ")
         ));
     }
-    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+    // Capitals are reported above; these two are about digits and '-' (or other characters).
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
         out.push(
             "it must start with a letter (a crate name cannot start with a digit or '-')"
                 .to_owned(),
         );
     }
-    if !name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+    if !name.ends_with(|c: char| c.is_ascii_alphanumeric()) {
         out.push("it must end with a letter or a digit (a Kubernetes name)".to_owned());
     }
     let len = name.len();
@@ -566,6 +567,7 @@ mod tests {
             "{p}"
         );
         assert!(problems("2fast").contains("start with a letter"));
+        assert!(!problems("Thumbnail").contains("start with a letter"));
         assert!(problems("-x").contains("start with a letter"));
         assert!(problems("thumb-").contains("end with a letter or a digit"));
         assert!(problems("a.b").contains("'.'"));
