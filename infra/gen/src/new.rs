@@ -343,7 +343,8 @@ pub fn scaffold(
     faults: bool,
 ) -> Scaffold {
     let faults_block = if faults {
-        "# Fault injection for drills (the `[fault]` settings, docs/operations.md).\n\
+        "# Fault injection for drills and tests (the `[fault]` settings, docs/operations.md): not a\n\
+         # default feature, so production builds (the Lambda zip, the container image) leave it out.\n\
          faults = [\"sluice/faults\"]"
     } else {
         "# Fault injection for drills (the `[fault]` settings, docs/operations.md) is becoming the\n\
