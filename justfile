@@ -6,8 +6,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
 # The function is a release build with the embedded queue only; the driver is the test build.
+# (`just --list` shows the line right above a recipe, so the description comes last.)
+# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
 demo *args:
     #!/usr/bin/env bash
     set -euo pipefail
