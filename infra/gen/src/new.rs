@@ -651,6 +651,38 @@ mod tests {
         }
     }
 
+    /// The README shows the generated main.rs without its doc comments; it must be the file
+    /// `new` writes.
+    #[test]
+    fn the_readme_shows_the_main_rs_that_new_writes() {
+        let main_rs = scaffold(
+            "thumbnail",
+            TransportChoice::Embedded,
+            StoreChoice::Sqlite,
+            false,
+        )
+        .main_rs;
+        let mut shown = String::new();
+        for line in main_rs.lines() {
+            let code = line.trim_start();
+            if code.starts_with("//!") || code.starts_with("///") {
+                continue;
+            }
+            if line.is_empty() && (shown.is_empty() || shown.ends_with("\n\n")) {
+                continue;
+            }
+            shown.push_str(line);
+            shown.push('\n');
+        }
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+                .unwrap();
+        assert!(
+            readme.contains(&format!("```rust\n{shown}```")),
+            "README.md \"Writing a function\" must show this main.rs:\n{shown}"
+        );
+    }
+
     #[test]
     fn the_deploy_files_of_a_new_function_render() {
         let s = scaffold(
