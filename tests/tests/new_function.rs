@@ -7,10 +7,10 @@
 //!
 //! Needs the `sluice-infra` binary (`cargo build -p sluice-infra`; `just test` builds it) and
 //! cargo with clippy. The copy is built with this test's own target directory, so the
-//! dependencies compiled for the workspace are reused; it lives at a fixed place under
-//! `target/tmp/`, so that its path crates keep their build hashes from run to run (a fresh
-//! temporary path each time would leave another copy of their artefacts in the target
-//! directory on every run), with a lock for concurrent runs sharing the target directory.
+//! dependencies compiled for the workspace are reused (cargo hashes path crates by their place
+//! in the workspace, so the copy's `sluice` is the workspace's too). The copy stays under
+//! `target/tmp/new-function/` for a look after a failure; a lock there makes runs that share the
+//! target directory take turns, as they build and run the same `target/debug/thumbnail`.
 
 use std::{
     collections::BTreeMap,
