@@ -6,9 +6,10 @@
 //! leave nothing behind.
 //!
 //! Needs the `sluice-infra` binary (`cargo build -p sluice-infra`; `just test` builds it) and
-//! cargo with clippy. The copy is built with this test's own target directory, so the
-//! dependencies compiled for the workspace are reused (cargo hashes path crates by their place
-//! in the workspace, so the copy's `sluice` is the workspace's too). The copy stays under
+//! cargo with clippy. The copy is built with this test's own target directory, so whatever an
+//! earlier build compiled with the same features is reused (cargo hashes path crates by their
+//! place in the workspace, so that holds for the copy's `sluice` too); the first run compiles
+//! `sluice` and a few dependencies once for the new function's feature set. The copy stays under
 //! `target/tmp/new-function/` for a look after a failure; a lock there makes runs that share the
 //! target directory take turns, as they build and run the same `target/debug/thumbnail`.
 
