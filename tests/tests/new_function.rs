@@ -182,7 +182,16 @@ fn a_new_function_builds_and_works_on_the_embedded_queue() {
     let good_id = ok(&bin, state, &["send", good]);
     let rejected_id = ok(&bin, state, &["send", rejected]);
     assert_ne!(good_id.trim(), rejected_id.trim());
-    ok(&bin, state, &["run", "--drain"]);
+    let summary = state.join("summary.json");
+    ok(
+        &bin,
+        state,
+        &["run", "--drain", "--summary", summary.to_str().unwrap()],
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(summary["succeeded"], 1, "{summary}");
+    assert_eq!(summary["dead_lettered"], 1, "{summary}");
 
     let stats: serde_json::Value =
         serde_json::from_str(&ok(&bin, state, &["stats", "--json"])).unwrap();
