@@ -6,8 +6,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
 # The function is a release build with the embedded queue only; the driver is the test build.
+# (`just --list` shows the line right above a recipe, so the description comes last.)
+# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
 demo *args:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -15,7 +16,7 @@ demo *args:
     target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
     cargo run --quiet -p sluice-tests --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
 
-# Everything CI checks: format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
+# Everything CI checks: the docs' links, format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
 test: lint
     #!/usr/bin/env bash
     set -euo pipefail
@@ -73,7 +74,7 @@ local-lambda fn *args:
     cargo run --quiet -p {{fn}} -- provision >&2
     cargo run --quiet -p sluice-tests --bin local-esm -- --function {{fn}} --queue "$SLUICE__TRANSPORT__URL" {{args}}
 
-# Lambda zips (`bootstrap`) per function under target/lambda/, with sizes: `just package` (x86_64) or `just package arm64` (needs the arm64 standard library, not installable here).
+# Lambda zips (`bootstrap`) of every function under target/lambda/, with sizes: `just package` (x86_64) or `just package arm64` (needs the arm64 standard library, not installable here).
 package arch="x86_64":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -81,7 +82,10 @@ package arch="x86_64":
     target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
     flag=$([ "{{arch}}" = arm64 ] && echo --arm64 || echo --x86-64)
     printf '%-18s %-8s %12s %12s\n' function arch binary zip
-    for fn in charge-payment deliver-webhook; do
+    # Every function under functions/, a new one (`just new-function`) included.
+    for dir in functions/*/; do
+        fn=$(basename "$dir")
+        [ -f "$dir/Cargo.toml" ] || continue
         scripts/lambda.sh cargo-lambda build --release $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
         zip="$target_dir/lambda/$fn/bootstrap.zip"
         bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
@@ -96,8 +100,13 @@ infra-check:
 infra-generate:
     cargo run --quiet -p sluice-infra -- generate
 
-# Format check and clippy with warnings as errors.
+# A new function: functions/NAME/ (Cargo.toml, sluice.toml, src/main.rs) and its deploy files, then the next commands; `just new-function thumbnail [--transport embedded|rabbitmq|sqs] [--store sqlite|postgres|redis|s3|none]` (README "Writing a function").
+new-function name *args:
+    @cargo run --quiet -p sluice-infra -- new "{{name}}" {{args}}
+
+# Relative links (and #anchors) in README.md and docs/*.md resolve, format check, and clippy with warnings as errors.
 lint:
+    scripts/check-links.py
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
 
@@ -109,7 +118,7 @@ fmt:
 fn name *args:
     cargo run --quiet -p {{name}} -- {{args}}
 
-# A function's container binary, built by the Dockerfile's own build script outside Docker (infra/docker/build.sh), into target/image/<fn>/; docs/deploy-kubernetes.md.
+# A function's container binary, built by the Dockerfile's own build script outside Docker (infra/docker/build.sh), into target/image/<fn>/; docs/deploy.md "Build the image".
 image-build fn:
     #!/usr/bin/env bash
     set -euo pipefail

@@ -72,6 +72,9 @@ const PREDEFINED_CONFIGS: [&str; 9] = [
     "CodeDeployDefault.LambdaLinear10PercentEvery10Minutes",
     "CodeDeployDefault.LambdaAllAtOnce",
 ];
+/// The longest `Name` parameter, which names the Lambda function (64 characters at most) and
+/// the queues (80, with `-dlq.fifo` added for a FIFO DLQ): 60 is within both.
+pub const MAX_NAME: usize = 60;
 /// Variables the template sets itself from its own resources.
 const GENERATED_ENV: [&str; 5] = [
     "SLUICE__TRANSPORT__KIND",
@@ -361,7 +364,7 @@ fn template(f: &Function) -> Result<Value> {
             "Name": {
                 "Type": "String",
                 "Default": base,
-                "AllowedPattern": "[A-Za-z0-9_-]{1,60}",
+                "AllowedPattern": format!("[A-Za-z0-9_-]{{1,{MAX_NAME}}}"),
                 "Description": format!(
                     "The Lambda function and the work queue `<Name>{suffix}`; its DLQ is \
                      `<Name>-dlq{suffix}` (the names `provision` uses)."

@@ -5,11 +5,13 @@
 //!
 //! `sluice-infra generate` (re)writes the files; `sluice-infra check` regenerates them in
 //! memory and fails, naming each file, when a committed one differs (the drift test and
-//! `just infra-check` run it).
+//! `just infra-check` run it). `sluice-infra new NAME` creates a function under `functions/`
+//! and then writes the files as `generate` does (`just new-function`, new.rs).
 
 mod aws;
 mod grafana;
 mod k8s;
+mod new;
 mod prometheus;
 mod rabbitmq;
 mod slo;
@@ -40,6 +42,9 @@ enum Command {
     Generate,
     /// Exit 1, listing the files, when a committed file differs from what would be generated.
     Check,
+    /// Create `functions/NAME/` (Cargo.toml, sluice.toml, src/main.rs), then write every
+    /// generated file as `generate` does.
+    New(new::NewArgs),
 }
 
 /// One function: its name (the folder under `functions/`) and its baked settings.
@@ -74,27 +79,22 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<ExitCode> {
-    let functions = load_functions(&cli.root)?;
-    let mut outputs = aws::render(&functions)?;
-    outputs.extend(k8s::render(&functions)?);
-    outputs.extend(rabbitmq::render(&functions)?);
-    outputs.extend(prometheus::render(&functions)?);
-    outputs.extend(grafana::render(&functions)?);
-    match cli.command {
+    match &cli.command {
         Command::Generate => {
-            for out in &outputs {
-                let path = cli.root.join(&out.path);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                }
-                std::fs::write(&path, &out.contents)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", out.path.display());
+            let outputs = render_all(&load_functions(&cli.root)?)?;
+            let written = write_outputs(&cli.root, &outputs)?;
+            for path in &written {
+                println!("wrote {}", path.display());
             }
+            println!(
+                "sluice-infra: {} files written, {} already up to date",
+                written.len(),
+                outputs.len() - written.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
+            let outputs = render_all(&load_functions(&cli.root)?)?;
             let mut drifted = Vec::new();
             for out in &outputs {
                 let committed = std::fs::read_to_string(cli.root.join(&out.path)).ok();
@@ -121,7 +121,37 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
+        Command::New(args) => new::run(&cli.root, args),
     }
+}
+
+/// Every generated file of these functions.
+fn render_all(functions: &[Function]) -> Result<Vec<Output>> {
+    let mut outputs = aws::render(functions)?;
+    outputs.extend(k8s::render(functions)?);
+    outputs.extend(rabbitmq::render(functions)?);
+    outputs.extend(prometheus::render(functions)?);
+    outputs.extend(grafana::render(functions)?);
+    Ok(outputs)
+}
+
+/// Writes the outputs under `root`; returns the paths whose contents changed (new files
+/// included), in order.
+fn write_outputs(root: &Path, outputs: &[Output]) -> Result<Vec<PathBuf>> {
+    let mut changed = Vec::new();
+    for out in outputs {
+        let path = root.join(&out.path);
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(out.contents.as_str()) {
+            continue;
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, &out.contents)
+            .with_context(|| format!("writing {}", path.display()))?;
+        changed.push(out.path.clone());
+    }
+    Ok(changed)
 }
 
 /// Every `functions/<name>/sluice.toml`, sorted by name.
@@ -140,19 +170,27 @@ fn load_functions(root: &Path) -> Result<Vec<Function>> {
             let path = dir.join(&name).join("sluice.toml");
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let settings = Settings::load(&name, Some(&text), std::iter::empty(), &[])
-                .with_context(|| format!("{}", path.display()))?;
-            if let Some(unknown) = settings
-                .deploy
-                .keys()
-                .find(|k| !DEPLOY_SECTIONS.contains(&k.as_str()))
-            {
-                anyhow::bail!(
-                    "{}: key `deploy.{unknown}`: unknown section, expected one of {DEPLOY_SECTIONS:?}",
-                    path.display()
-                );
-            }
-            Ok(Function { name, settings })
+            load_function(&name, &text, &path)
         })
         .collect()
+}
+
+/// One function from the text of its `sluice.toml` (`path` names it in errors).
+fn load_function(name: &str, text: &str, path: &Path) -> Result<Function> {
+    let settings = Settings::load(name, Some(text), std::iter::empty(), &[])
+        .with_context(|| format!("{}", path.display()))?;
+    if let Some(unknown) = settings
+        .deploy
+        .keys()
+        .find(|k| !DEPLOY_SECTIONS.contains(&k.as_str()))
+    {
+        anyhow::bail!(
+            "{}: key `deploy.{unknown}`: unknown section, expected one of {DEPLOY_SECTIONS:?}",
+            path.display()
+        );
+    }
+    Ok(Function {
+        name: name.to_owned(),
+        settings,
+    })
 }
