@@ -208,6 +208,7 @@ impl Drop for TcpProxy {
 
 /// RabbitMQ helpers for the tests that run against the real broker: its URL, `rabbitmqctl`,
 /// and the queue counts the AMQP protocol does not report (unacked messages).
+#[cfg(feature = "rabbitmq")]
 pub mod rabbit {
     use anyhow::{bail, Context as _};
 
@@ -353,6 +354,7 @@ pub mod rabbit {
     }
 }
 
+#[cfg(feature = "lambda")]
 pub mod lambda;
 
 /// How to start moto, for the messages of the tests that need it.
