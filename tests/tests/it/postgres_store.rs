@@ -12,15 +12,13 @@ use sluice::{
         Claim, ClaimRequest, IdempotencyStore,
     },
 };
+use sluice_tests::postgres_url;
 
-fn url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
+use crate::support::postgres_client;
 
 /// A new store (its own pool) on the shared server.
 async fn make() -> PostgresStore {
-    PostgresStore::open(&url(), suite::OUTPUT_LIMIT)
+    PostgresStore::open(&postgres_url(), suite::OUTPUT_LIMIT)
         .await
         .expect("open postgres store")
 }
@@ -84,10 +82,7 @@ async fn claim_many_answers_like_single_claims() {
 
 /// A plain connection of the test's own, outside any store, to set up and to look.
 async fn plain() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect to postgres");
-    tokio::spawn(conn);
+    let client = postgres_client().await;
     // One table for every effects test (ids are unique); the lock serializes the creation
     // between test processes.
     client
@@ -345,7 +340,7 @@ async fn claim_complete_and_claim_many_take_one_round_trip_each() {
         net::{TcpListener, TcpStream},
     };
 
-    let config: tokio_postgres::Config = url().parse().unwrap();
+    let config: tokio_postgres::Config = postgres_url().parse().unwrap();
     let tokio_postgres::config::Host::Tcp(host) = &config.get_hosts()[0] else {
         return; // a Unix socket URL: nothing to proxy
     };

@@ -3,8 +3,8 @@
 //! `SLUICE_TEST_RABBITMQ_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //!
 //! Each check uses its own queue name; every test deletes the topologies it made when it ends,
-//! and the queues are declared with `x-expires` ([`EXPIRES`]) so that a failed run leaves
-//! nothing behind for long.
+//! and the queues are declared with `x-expires` ([`TEST_QUEUE_EXPIRES`]) so that a failed run
+//! leaves nothing behind for long.
 
 use std::{
     collections::BTreeSet,
@@ -22,15 +22,7 @@ use sluice::{
         Transport, TransportOptions,
     },
 };
-
-/// The broker removes a test's queues this long after their last use, should the test fail
-/// before deleting them.
-const EXPIRES: Duration = Duration::from_secs(10 * 60);
-
-fn url() -> String {
-    std::env::var("SLUICE_TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use sluice_tests::rabbit::{self, url, TEST_QUEUE_EXPIRES};
 
 /// The queues one test made (handles made with the same options share a queue).
 #[derive(Clone, Default)]
@@ -52,7 +44,7 @@ impl Made {
 
 fn config() -> RabbitConfig {
     RabbitConfig {
-        queue_expires: Some(EXPIRES),
+        queue_expires: Some(TEST_QUEUE_EXPIRES),
         ..RabbitConfig::default()
     }
 }
@@ -262,29 +254,21 @@ async fn a_message_over_the_delivery_limit_lands_in_the_dlq_as_crash_loop() {
 
 /// Closes, from the broker's side, the connection of the handle on `queue` (as a network failure
 /// would), with `rabbitmqctl`. Returns false when `rabbitmqctl` is not installed here.
-async fn kill_connection_of(queue: &str) -> bool {
+fn kill_connection_of(queue: &str) -> bool {
     let name = format!("sluice conformance on {queue}");
-    let Ok(out) = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "-q", "pid", "client_properties"])
-        .output()
-        .await
-    else {
-        return false;
-    };
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let pid = listing
-        .lines()
-        .find(|l| l.contains(&name))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("no connection named {name:?} in:\n{listing}"));
-    let status = tokio::process::Command::new("rabbitmqctl")
-        .args(["close_connection", pid, "test: simulated connection loss"])
-        .output()
-        .await
-        .expect("rabbitmqctl close_connection")
-        .status;
-    assert!(status.success(), "rabbitmqctl close_connection failed");
-    true
+    match rabbit::close_connections_named(&name, "test: simulated connection loss") {
+        Ok(closed) => {
+            assert!(closed > 0, "no connection named {name:?}");
+            true
+        }
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            false
+        }
+        Err(e) => panic!("rabbitmqctl: {e:#}"),
+    }
 }
 
 /// When the connection dies, the handle reconnects by itself; the broker redelivers what the
@@ -303,7 +287,7 @@ async fn a_lost_connection_is_replaced_and_its_deliveries_cannot_be_settled() {
         .remove(0);
     let before = receive_one(&t).await;
     assert_eq!(before.attempt, 1);
-    if !kill_connection_of(&queue).await {
+    if !kill_connection_of(&queue) {
         eprintln!("skipped: rabbitmqctl is not installed");
         made.cleanup().await;
         return;

@@ -12,20 +12,17 @@ use sluice::{
         Claim, ClaimRequest, IdempotencyStore,
     },
 };
-
-fn url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
-}
+use sluice_tests::redis_url;
 
 async fn make() -> RedisStore {
-    RedisStore::open(&url(), suite::OUTPUT_LIMIT)
+    RedisStore::open(&redis_url(), suite::OUTPUT_LIMIT)
         .await
         .expect("open redis store (is Redis running? scripts/services.sh redis)")
 }
 
 /// A plain connection for looking behind the store's back.
 async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url())
+    redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await

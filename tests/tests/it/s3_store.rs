@@ -12,18 +12,12 @@ use sluice::{
 };
 use tokio::sync::{Barrier, OnceCell};
 
-/// The moto endpoint; panics unless the SDK's own endpoint variable points at it too, so no
-/// request of this test can reach real AWS.
-fn moto() -> String {
-    sluice_tests::moto("S3")
-}
-
 /// One bucket per test process, created on first use.
 async fn url() -> String {
     static BUCKET: OnceCell<String> = OnceCell::const_new();
     let bucket = BUCKET
         .get_or_init(|| async {
-            moto();
+            sluice_tests::moto("S3");
             let bucket = unique("sluice-test").to_lowercase();
             S3Store::open(&format!("s3://{bucket}"), suite::OUTPUT_LIMIT)
                 .await

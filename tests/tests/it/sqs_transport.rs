@@ -26,7 +26,6 @@ use sluice::{
     transport::{
         sqs::{
             aws_sdk_sqs::{
-                self,
                 config::{
                     interceptors::BeforeSerializationInterceptorContextRef, ConfigBag, Intercept,
                 },
@@ -43,23 +42,13 @@ use sluice::{
     },
 };
 
-/// The moto endpoint; panics unless the SDK's own endpoint variable points at it too, so no
-/// request of this test can reach real AWS.
-fn moto() -> String {
-    sluice_tests::moto("SQS")
-}
+use crate::support::sqs_client;
 
 /// A handle on the queue named `opts.queue` (created with its DLQ on first open).
 async fn make(mut opts: TransportOptions) -> SqsTransport {
-    moto();
+    sluice_tests::moto("SQS");
     opts.url = opts.queue.clone();
     SqsTransport::open(opts).await.expect("open sqs transport")
-}
-
-/// A raw SDK client, for what the adapter must not do (forged attributes, bare queues).
-async fn raw_client() -> aws_sdk_sqs::Client {
-    moto();
-    aws_sdk_sqs::Client::from_conf(sdk_config_from_env().await.expect("sdk config").build())
 }
 
 #[tokio::test]
@@ -148,7 +137,7 @@ impl Intercept for Calls {
 
 /// A handle whose SDK calls are counted.
 async fn counted(opts: TransportOptions) -> (SqsTransport, Calls) {
-    moto();
+    sluice_tests::moto("SQS");
     let calls = Calls::default();
     let sdk = sdk_config_from_env()
         .await
@@ -336,7 +325,7 @@ async fn bodies_that_are_not_sqs_text_come_back_byte_for_byte() {
 async fn open_provisions_a_missing_queue_with_its_dlq_and_redrive_policy() {
     let opts = suite::options(Duration::from_millis(1500), 7);
     let t = make(opts).await;
-    let client = raw_client().await;
+    let client = sqs_client().await;
     let attrs = client
         .get_queue_attributes()
         .queue_url(t.queue_url())
@@ -363,7 +352,7 @@ async fn open_provisions_a_missing_queue_with_its_dlq_and_redrive_policy() {
 
 #[tokio::test]
 async fn a_queue_without_redrive_policy_is_refused_at_open() {
-    let client = raw_client().await;
+    let client = sqs_client().await;
     let name = unique("bare");
     client
         .create_queue()
@@ -414,7 +403,7 @@ async fn settling_twice_or_with_a_handle_sqs_does_not_know_is_lease_lost() {
 #[tokio::test]
 async fn forged_sluice_attributes_reach_the_pipeline_as_headers() {
     let t = make(long_lease()).await;
-    let client = raw_client().await;
+    let client = sqs_client().await;
     let attr = |v: &str| {
         MessageAttributeValue::builder()
             .data_type("String")
@@ -615,7 +604,7 @@ mod fifo {
 
     /// The SQS queue is `<queue>.fifo`; `queue` stays the name the suite checks in history.
     async fn make_fifo(mut opts: TransportOptions) -> SqsTransport {
-        moto();
+        sluice_tests::moto("SQS");
         opts.url = format!("{}.fifo", opts.queue);
         SqsTransport::open(opts)
             .await
