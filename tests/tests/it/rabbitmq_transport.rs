@@ -24,6 +24,8 @@ use sluice::{
 };
 use sluice_tests::rabbit::{self, url, TEST_QUEUE_EXPIRES};
 
+use crate::support;
+
 /// The queues one test made (handles made with the same options share a queue).
 #[derive(Clone, Default)]
 struct Made(Arc<Mutex<Vec<TransportOptions>>>);
@@ -50,10 +52,19 @@ fn config() -> RabbitConfig {
 }
 
 /// Opens a handle on `opts.queue` and records the queue for cleanup.
-async fn make(mut opts: TransportOptions, made: Made) -> RabbitTransport {
+async fn make(opts: TransportOptions, made: Made) -> RabbitTransport {
+    make_with(opts, made, config()).await
+}
+
+/// [`make`] with a configuration of the test's own.
+async fn make_with(
+    mut opts: TransportOptions,
+    made: Made,
+    config: RabbitConfig,
+) -> RabbitTransport {
     opts.url = url();
     made.0.lock().unwrap().push(opts.clone());
-    RabbitTransport::open_with(opts, config())
+    RabbitTransport::open_with(opts, config)
         .await
         .expect("open rabbitmq transport (is RabbitMQ up? scripts/services.sh rabbitmq)")
 }
@@ -68,77 +79,15 @@ async fn receive_one(t: &RabbitTransport) -> Delivery {
     .await
 }
 
-#[tokio::test]
-async fn ack_removes_the_message() {
-    let made = Made::default();
-    suite::ack_removes_the_message(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn retry_after_hides_the_message_until_the_delay() {
+support::transport_conformance!(
     // The delay ladder rounds down: a delivery comes at most one smallest step early.
-    let rounding = Duration::from_millis(DELAY_LADDER_MS[0]);
-    let made = Made::default();
-    suite::retry_after_hides_the_message_until_the_delay(|o| make(o, made.clone()), rounding).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn dead_letter_keeps_bytes_and_history() {
-    let made = Made::default();
-    suite::dead_letter_keeps_bytes_and_history(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn crash_loop_guard_dead_letters_after_max_deliveries() {
-    let made = Made::default();
-    suite::crash_loop_guard_dead_letters_after_max_deliveries(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn expired_lease_redelivers_and_stale_holder_cannot_settle() {
-    let made = Made::default();
-    suite::expired_lease_redelivers_and_stale_holder_cannot_settle(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn extend_keeps_the_message_leased() {
-    let made = Made::default();
-    suite::extend_keeps_the_message_leased(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn release_returns_the_message_at_once() {
-    let made = Made::default();
-    suite::release_returns_the_message_at_once(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn redrive_moves_dead_letters_back_with_attempts_reset() {
-    let made = Made::default();
-    suite::redrive_moves_dead_letters_back_with_attempts_reset(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_consumers_never_share_a_lease() {
-    let made = Made::default();
-    suite::concurrent_consumers_never_share_a_lease(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn stats_count_each_state() {
-    let made = Made::default();
-    suite::stats_count_each_state(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
+    rounding: Duration::from_millis(DELAY_LADDER_MS[0]),
+    |check| {
+        let made = Made::default();
+        check(|o| make(o, made.clone())).await;
+        made.cleanup().await;
+    }
+);
 
 /// A producer that sets `sluice-*` headers itself must not be trusted: on the first delivery
 /// (and on retry copies) they reach `Delivery::headers`, where the pipeline rejects them, and
@@ -319,19 +268,13 @@ async fn a_lost_connection_is_replaced_and_its_deliveries_cannot_be_settled() {
 #[tokio::test]
 async fn a_delivery_is_requeued_before_the_brokers_consumer_timeout() {
     let made = Made::default();
-    let mut opts = suite::options(suite::LONG_LEASE, 5);
-    opts.url = url();
-    made.0.lock().unwrap().push(opts.clone());
+    let opts = suite::options(suite::LONG_LEASE, 5);
     let hold = Duration::from_secs(1);
-    let t = RabbitTransport::open_with(
-        opts,
-        RabbitConfig {
-            max_hold: hold,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let config = RabbitConfig {
+        max_hold: hold,
+        ..config()
+    };
+    let t = make_with(opts, made.clone(), config).await;
     let id = t
         .publish(vec![OutgoingMessage::new("{}")])
         .await
@@ -377,19 +320,13 @@ async fn prefetched_deliveries_are_requeued_before_the_brokers_consumer_timeout(
     let made = Made::default();
     // A short lease makes the lease keeper tick every 100 ms; max_deliveries leaves room for
     // a few requeues before the crash-loop guard.
-    let mut opts = suite::options(Duration::from_millis(800), 10);
-    opts.url = url();
-    made.0.lock().unwrap().push(opts.clone());
+    let opts = suite::options(Duration::from_millis(800), 10);
     let hold = Duration::from_millis(500);
-    let t = RabbitTransport::open_with(
-        opts,
-        RabbitConfig {
-            max_hold: hold,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let config = RabbitConfig {
+        max_hold: hold,
+        ..config()
+    };
+    let t = make_with(opts, made.clone(), config).await;
     t.publish((0..3).map(|_| OutgoingMessage::new("{}")).collect())
         .await
         .unwrap();

@@ -1,7 +1,9 @@
 //! What the test modules share and only tests need: a function binary run as a user runs it
-//! ([`FunctionRun`]), waiting for processes, polling without async, and the raw clients a test
-//! uses to look behind Sluice's back. They panic on failure, as the tests around them do. What
-//! the demo, the benchmarks and `local-esm` share as well is in the library (`sluice_tests`).
+//! ([`FunctionRun`]), waiting for processes, polling without async, the raw clients a test
+//! uses to look behind Sluice's back, and the conformance suites as one test per check
+//! ([`store_conformance!`], [`transport_conformance!`]). They panic on failure, as the tests
+//! around them do. What the demo, the benchmarks and `local-esm` share as well is in the
+//! library (`sluice_tests`).
 
 use std::{
     path::{Path, PathBuf},
@@ -232,3 +234,147 @@ pub async fn postgres_client() -> sluice::store::postgres::tokio_postgres::Clien
     tokio::spawn(conn);
     client
 }
+/// The idempotency store conformance suite (`sluice::conformance::store`) as one test per
+/// check, in the calling module. `$make` names an `async fn() -> S` that opens a new handle
+/// (its own connections) on the same store each call.
+macro_rules! store_conformance {
+    ($make:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn claim_race_has_exactly_one_winner() {
+            ::sluice::conformance::store::claim_race_has_exactly_one_winner($make).await;
+        }
+
+        #[tokio::test]
+        async fn completed_record_replays_the_output() {
+            ::sluice::conformance::store::completed_record_replays_the_output($make).await;
+        }
+
+        #[tokio::test]
+        async fn live_lease_reports_in_progress() {
+            ::sluice::conformance::store::live_lease_reports_in_progress($make).await;
+        }
+
+        #[tokio::test]
+        async fn expired_lease_is_taken_over_and_the_old_token_is_stale() {
+            ::sluice::conformance::store::expired_lease_is_taken_over_and_the_old_token_is_stale(
+                $make,
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn fingerprint_mismatch_is_reported() {
+            ::sluice::conformance::store::fingerprint_mismatch_is_reported($make).await;
+        }
+
+        #[tokio::test]
+        async fn record_ttl_expires() {
+            ::sluice::conformance::store::record_ttl_expires($make).await;
+        }
+
+        #[tokio::test]
+        async fn release_lets_the_key_be_claimed_again() {
+            ::sluice::conformance::store::release_lets_the_key_be_claimed_again($make).await;
+        }
+
+        #[tokio::test]
+        async fn extend_keeps_the_lease() {
+            ::sluice::conformance::store::extend_keeps_the_lease($make).await;
+        }
+
+        #[tokio::test]
+        async fn oversized_output_is_refused() {
+            ::sluice::conformance::store::oversized_output_is_refused($make).await;
+        }
+
+        #[tokio::test]
+        async fn odd_keys_are_safe_and_distinct() {
+            ::sluice::conformance::store::odd_keys_are_safe_and_distinct($make).await;
+        }
+
+        #[tokio::test]
+        async fn claim_many_answers_like_single_claims() {
+            ::sluice::conformance::store::claim_many_answers_like_single_claims($make).await;
+        }
+    };
+}
+pub(crate) use store_conformance;
+
+/// The transport conformance suite (`sluice::conformance::transport`) as one test per check,
+/// in the calling module. In each test `$check` is bound to the check, a function of one
+/// argument (the transport's `make`: `TransportOptions` in, a new handle on `opts.queue` out)
+/// that `$body` calls and awaits, with what the transport needs around it (setup, cleanup).
+/// `$rounding` is how much earlier than asked the transport may deliver a retry (its delay
+/// granularity).
+macro_rules! transport_conformance {
+    (rounding: $rounding:expr, |$check:ident| $body:block) => {
+        #[tokio::test]
+        async fn ack_removes_the_message() {
+            let $check = ::sluice::conformance::transport::ack_removes_the_message;
+            $body
+        }
+
+        #[tokio::test]
+        async fn retry_after_hides_the_message_until_the_delay() {
+            let $check = |make| {
+                ::sluice::conformance::transport::retry_after_hides_the_message_until_the_delay(
+                    make, $rounding,
+                )
+            };
+            $body
+        }
+
+        #[tokio::test]
+        async fn dead_letter_keeps_bytes_and_history() {
+            let $check = ::sluice::conformance::transport::dead_letter_keeps_bytes_and_history;
+            $body
+        }
+
+        #[tokio::test]
+        async fn crash_loop_guard_dead_letters_after_max_deliveries() {
+            let $check =
+                ::sluice::conformance::transport::crash_loop_guard_dead_letters_after_max_deliveries;
+            $body
+        }
+
+        #[tokio::test]
+        async fn expired_lease_redelivers_and_stale_holder_cannot_settle() {
+            let $check =
+                ::sluice::conformance::transport::expired_lease_redelivers_and_stale_holder_cannot_settle;
+            $body
+        }
+
+        #[tokio::test]
+        async fn extend_keeps_the_message_leased() {
+            let $check = ::sluice::conformance::transport::extend_keeps_the_message_leased;
+            $body
+        }
+
+        #[tokio::test]
+        async fn release_returns_the_message_at_once() {
+            let $check = ::sluice::conformance::transport::release_returns_the_message_at_once;
+            $body
+        }
+
+        #[tokio::test]
+        async fn redrive_moves_dead_letters_back_with_attempts_reset() {
+            let $check =
+                ::sluice::conformance::transport::redrive_moves_dead_letters_back_with_attempts_reset;
+            $body
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn concurrent_consumers_never_share_a_lease() {
+            let $check =
+                ::sluice::conformance::transport::concurrent_consumers_never_share_a_lease;
+            $body
+        }
+
+        #[tokio::test]
+        async fn stats_count_each_state() {
+            let $check = ::sluice::conformance::transport::stats_count_each_state;
+            $body
+        }
+    };
+}
+pub(crate) use transport_conformance;
