@@ -7,13 +7,18 @@ default:
     @just --list
 
 # The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
-# The function is a release build with the embedded queue only; the driver is the test build.
+# The function is a release build with the embedded queue only; the driver (tests/demo) a debug build.
 demo *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    cargo build --release --quiet -p charge-payment --no-default-features
+    # charge-payment's cargo features for the demo: the embedded queue only.
+    # FAULTS FEATURE: the demo injects handler panics (fault.panic_rate); once fault injection
+    # is behind the functions' `faults` cargo feature, this becomes
+    # (--no-default-features --features faults).
+    features=(--no-default-features)
+    cargo build --release --quiet -p charge-payment "${features[@]}"
     target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-    cargo run --quiet -p sluice-tests --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
+    cargo run --quiet -p sluice-demo --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
 
 # Everything CI checks: format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
 test: lint
@@ -22,10 +27,10 @@ test: lint
     scripts/services.sh postgres redis rabbitmq
     eval "$(scripts/moto.sh start)"
     trap 'scripts/moto.sh stop' EXIT
-    # cargo-lambda (PyPI) for tests/tests/cargo_lambda.rs; seconds, once per machine.
+    # cargo-lambda (PyPI) for tests/tests/it/cargo_lambda.rs; seconds, once per machine.
     scripts/lambda.sh install
     cargo build --workspace --bins
-    # The Lambda flavour (no lapin), for tests/tests/lambda_mode.rs and local_esm.rs: built for
+    # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs: built for
     # an explicit target so it lands beside the host binaries, not over them.
     cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda --target x86_64-unknown-linux-gnu
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
@@ -45,15 +50,15 @@ bench what *args:
         trap 'scripts/moto.sh stop' EXIT
         # The packaged build (`cargo lambda build --release`, its own optimisation flags).
         just package >&2
-        cargo build --release --quiet -p sluice-tests --bin bare-lambda --bin lambda-bench
-        exec cargo run --release --quiet -p sluice-tests --bin lambda-bench -- {{args}}
+        cargo build --release --quiet -p sluice-bench --bin bare-lambda --bin lambda-bench
+        exec cargo run --release --quiet -p sluice-bench --bin lambda-bench -- {{args}}
     fi
     if [ "{{what}}" = stores ]; then
         eval "$(scripts/moto.sh start)"
         trap 'scripts/moto.sh stop' EXIT
     fi
-    cargo build --release --quiet -p sluice-tests --bin bench
-    cargo run --release --quiet -p sluice-tests --bin bench -- {{what}} {{args}}
+    cargo build --release --quiet -p sluice-bench --bin bench
+    cargo run --release --quiet -p sluice-bench --bin bench -- {{what}} {{args}}
 
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:
