@@ -36,6 +36,8 @@ test: lint
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
     cargo test --doc --workspace --quiet
     scripts/infra-check.sh
+    # sluice with no feature, with each feature alone and with all: each combination compiles.
+    scripts/check-features.sh
     cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
