@@ -6,32 +6,39 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# The function is a release build with the embedded queue only; the driver is the test build.
+# The function is a release build with the embedded queue only; the driver (tests/demo) a debug build.
 # (`just --list` shows the line right above a recipe, so the description comes last.)
 # The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
 demo *args:
     #!/usr/bin/env bash
     set -euo pipefail
-    cargo build --release --quiet -p charge-payment --no-default-features
+    # charge-payment's cargo features for the demo: the embedded queue only, and fault
+    # injection (the demo makes 0.2% of handler calls panic: fault.panic_rate).
+    features=(--no-default-features --features faults)
+    cargo build --release --quiet -p charge-payment "${features[@]}"
     target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-    cargo run --quiet -p sluice-tests --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
+    cargo run --quiet -p sluice-demo --bin demo -- --function-bin "$target/release/charge-payment" {{args}}
 
 # Everything CI checks: the docs' links, format, lints, unit tests, conformance suites on every backend, functions, end-to-end.
 test: lint
     #!/usr/bin/env bash
     set -euo pipefail
+    # The module checker's own test: it finds a cycle in a synthetic tree, none in an acyclic one.
+    scripts/check-modules.py --self-test
     scripts/services.sh postgres redis rabbitmq
     eval "$(scripts/moto.sh start)"
     trap 'scripts/moto.sh stop' EXIT
-    # cargo-lambda (PyPI) for tests/tests/cargo_lambda.rs; seconds, once per machine.
+    # cargo-lambda (PyPI) for tests/tests/it/cargo_lambda.rs; seconds, once per machine.
     scripts/lambda.sh install
     cargo build --workspace --bins
-    # The Lambda flavour (no lapin), for tests/tests/lambda_mode.rs and local_esm.rs: built for
+    # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs: built for
     # an explicit target so it lands beside the host binaries, not over them.
     cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda --target x86_64-unknown-linux-gnu
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
     cargo test --doc --workspace --quiet
     scripts/infra-check.sh
+    # sluice with no feature, with each feature alone and with all: each combination compiles.
+    scripts/check-features.sh
     cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
@@ -46,15 +53,15 @@ bench what *args:
         trap 'scripts/moto.sh stop' EXIT
         # The packaged build (`cargo lambda build --release`, its own optimisation flags).
         just package >&2
-        cargo build --release --quiet -p sluice-tests --bin bare-lambda --bin lambda-bench
-        exec cargo run --release --quiet -p sluice-tests --bin lambda-bench -- {{args}}
+        cargo build --release --quiet -p sluice-bench --bin bare-lambda --bin lambda-bench
+        exec cargo run --release --quiet -p sluice-bench --bin lambda-bench -- {{args}}
     fi
     if [ "{{what}}" = stores ]; then
         eval "$(scripts/moto.sh start)"
         trap 'scripts/moto.sh stop' EXIT
     fi
-    cargo build --release --quiet -p sluice-tests --bin bench
-    cargo run --release --quiet -p sluice-tests --bin bench -- {{what}} {{args}}
+    cargo build --release --quiet -p sluice-bench --bin bench
+    cargo run --release --quiet -p sluice-bench --bin bench -- {{what}} {{args}}
 
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:
@@ -104,11 +111,12 @@ infra-generate:
 new-function name *args:
     @cargo run --quiet -p sluice-infra -- new "{{name}}" {{args}}
 
-# Relative links (and #anchors) in README.md and docs/*.md resolve, format check, and clippy with warnings as errors.
+# Relative links (and #anchors) in README.md and docs/*.md resolve, format check, clippy with warnings as errors, and shared/src's module rules (no import cycle, no file over 800 lines).
 lint:
     scripts/check-links.py
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+    scripts/check-modules.py
 
 # Format the code.
 fmt:

@@ -1,5 +1,6 @@
-//! Helpers shared by the black-box tests and the demo driver: find a function binary, run it
-//! as a separate process with its queue, store and ledger in one directory, read its ledger.
+//! Helpers shared by the black-box tests, the demo driver, the benchmarks and `local-esm`: find
+//! a function binary, run it as a separate process with its queue, store and ledger in one
+//! directory, read its ledger; the servers the tests use and where the repository's files are.
 
 use std::{
     path::{Path, PathBuf},
@@ -97,6 +98,44 @@ impl Sandbox {
         args.extend_from_slice(extra);
         Ok(self.command(bin, &args, log)?.spawn()?)
     }
+}
+
+/// The repository's root directory (the deploy files, scripts and functions' settings).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+/// A file under `tests/fixtures/` (SQS events, ...).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// The Python virtual environment `scripts/moto.sh` and `scripts/lambda.sh` install moto,
+/// boto3 and cargo-lambda into (`SLUICE_VENV`, default `~/.cache/sluice/venv`).
+pub fn venv_dir() -> PathBuf {
+    match std::env::var_os("SLUICE_VENV") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is not set (nor SLUICE_VENV)"))
+            .join(".cache/sluice/venv"),
+    }
+}
+
+/// The PostgreSQL server of the tests and the benchmark (`SLUICE_TEST_POSTGRES_URL`, default
+/// the local one `scripts/services.sh postgres` starts).
+pub fn postgres_url() -> String {
+    std::env::var("SLUICE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+}
+
+/// The Redis server of the tests and the benchmark (`SLUICE_TEST_REDIS_URL`, default the
+/// local one `scripts/services.sh redis` starts).
+pub fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
 /// Counts in charge-payment's ledger.
@@ -208,8 +247,13 @@ impl Drop for TcpProxy {
 
 /// RabbitMQ helpers for the tests that run against the real broker: its URL, `rabbitmqctl`,
 /// and the queue counts the AMQP protocol does not report (unacked messages).
+#[cfg(feature = "rabbitmq")]
 pub mod rabbit {
     use anyhow::{bail, Context as _};
+
+    /// How long after their last use the broker removes the queues a test declares (with
+    /// `x-expires`), should the test fail before deleting them.
+    pub const TEST_QUEUE_EXPIRES: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
     /// The broker the tests use (`SLUICE_TEST_RABBITMQ_URL`, default the local `guest`).
     pub fn url() -> String {
@@ -353,6 +397,7 @@ pub mod rabbit {
     }
 }
 
+#[cfg(feature = "lambda")]
 pub mod lambda;
 
 /// How to start moto, for the messages of the tests that need it.

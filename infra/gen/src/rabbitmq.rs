@@ -2,7 +2,7 @@
 //! binding and policies) in RabbitMQ's definitions format, for `rabbitmqctl
 //! import_definitions`. It is rendered from [`sluice::topology::topology`], the same
 //! description `provision` declares, for each function's `queue` and `retry.max_deliveries`;
-//! `tests/tests/rabbitmq_topology.rs` checks the result against a real broker.
+//! `tests/tests/it/rabbitmq_topology.rs` checks the result against a real broker.
 
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};

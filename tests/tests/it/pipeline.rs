@@ -11,7 +11,7 @@
 //! breaker tests also sample counters every `conformance::POLL` over a window, to show that
 //! something does *not* happen during it.
 //!
-//! Run with `cargo nextest run -p sluice-tests --test pipeline`.
+//! Run with `cargo nextest run -p sluice-tests -E 'test(/^pipeline::/)'`.
 
 use std::{
     collections::BTreeMap,

@@ -18,11 +18,8 @@ use sluice::{
         Transport, TransportOptions,
     },
 };
-use sluice_tests::rabbit;
+use sluice_tests::rabbit::{self, TEST_QUEUE_EXPIRES};
 
-/// The broker removes a test's queues this long after their last use, should the test fail
-/// before deleting them.
-const EXPIRES: Duration = Duration::from_secs(10 * 60);
 /// Longest wait for the broker's counts to show what was settled.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -31,7 +28,7 @@ async fn open(opts: &TransportOptions, prefetch: u16) -> RabbitTransport {
     opts.url = rabbit::url();
     let config = RabbitConfig {
         prefetch,
-        queue_expires: Some(EXPIRES),
+        queue_expires: Some(TEST_QUEUE_EXPIRES),
         ..RabbitConfig::default()
     };
     RabbitTransport::open_with(opts, config)

@@ -12,18 +12,14 @@ use sluice::{
 };
 use tokio::sync::{Barrier, OnceCell};
 
-/// The moto endpoint; panics unless the SDK's own endpoint variable points at it too, so no
-/// request of this test can reach real AWS.
-fn moto() -> String {
-    sluice_tests::moto("S3")
-}
+use crate::support;
 
 /// One bucket per test process, created on first use.
 async fn url() -> String {
     static BUCKET: OnceCell<String> = OnceCell::const_new();
     let bucket = BUCKET
         .get_or_init(|| async {
-            moto();
+            sluice_tests::moto("S3");
             let bucket = unique("sluice-test").to_lowercase();
             S3Store::open(&format!("s3://{bucket}"), suite::OUTPUT_LIMIT)
                 .await
@@ -44,60 +40,7 @@ async fn make() -> S3Store {
         .expect("open s3 store")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn claim_race_has_exactly_one_winner() {
-    suite::claim_race_has_exactly_one_winner(make).await;
-}
-
-#[tokio::test]
-async fn completed_record_replays_the_output() {
-    suite::completed_record_replays_the_output(make).await;
-}
-
-#[tokio::test]
-async fn live_lease_reports_in_progress() {
-    suite::live_lease_reports_in_progress(make).await;
-}
-
-#[tokio::test]
-async fn expired_lease_is_taken_over_and_the_old_token_is_stale() {
-    suite::expired_lease_is_taken_over_and_the_old_token_is_stale(make).await;
-}
-
-#[tokio::test]
-async fn fingerprint_mismatch_is_reported() {
-    suite::fingerprint_mismatch_is_reported(make).await;
-}
-
-#[tokio::test]
-async fn record_ttl_expires() {
-    suite::record_ttl_expires(make).await;
-}
-
-#[tokio::test]
-async fn release_lets_the_key_be_claimed_again() {
-    suite::release_lets_the_key_be_claimed_again(make).await;
-}
-
-#[tokio::test]
-async fn extend_keeps_the_lease() {
-    suite::extend_keeps_the_lease(make).await;
-}
-
-#[tokio::test]
-async fn oversized_output_is_refused() {
-    suite::oversized_output_is_refused(make).await;
-}
-
-#[tokio::test]
-async fn odd_keys_are_safe_and_distinct() {
-    suite::odd_keys_are_safe_and_distinct(make).await;
-}
-
-#[tokio::test]
-async fn claim_many_answers_like_single_claims() {
-    suite::claim_many_answers_like_single_claims(make).await;
-}
+support::store_conformance!(make);
 
 /// All claimers read the object as absent before any of them writes (each waits at a barrier
 /// after its first read), so every one sends `If-None-Match: *`: S3 lets exactly one through,

@@ -9,49 +9,23 @@
 use std::{
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use sluice::conformance::unique;
-use sluice_tests::{lambda::lambda_binary, ledger_counts};
+use sluice_tests::{fixture, lambda::lambda_binary, ledger_counts};
+
+use crate::support::{free_port, poll_blocking, KillOnDrop};
 
 fn cargo_lambda() -> PathBuf {
-    let venv = std::env::var_os("SLUICE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/sluice/venv")
-        });
-    let bin = venv.join("bin/cargo-lambda");
+    let bin = sluice_tests::venv_dir().join("bin/cargo-lambda");
     assert!(
         bin.exists(),
         "{} is missing: install it with scripts/lambda.sh install (or `just emulators`)",
         bin.display()
     );
     bin
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
 }
 
 fn invoke(cl: &Path, port: u16, file: &Path) -> Output {
@@ -68,13 +42,13 @@ fn invoke(cl: &Path, port: u16, file: &Path) -> Output {
 
 #[test]
 fn the_function_answers_sqs_fixtures_through_cargo_lambda() {
-    std::env::var("SLUICE_TEST_MOTO").expect("start moto: eval \"$(scripts/moto.sh start)\"");
+    sluice_tests::moto("SQS");
     let cl = cargo_lambda();
     let bin = lambda_binary("charge-payment").expect("lambda build");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let venv_bin = cl.parent().unwrap().to_owned();
-    let _watch = Killed(
+    let _watch = KillOnDrop(
         Command::new(&cl)
             .args([
                 "lambda",
@@ -98,12 +72,12 @@ fn the_function_answers_sqs_fixtures_through_cargo_lambda() {
             .spawn()
             .expect("cargo lambda watch"),
     );
-    let until = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "cargo lambda watch did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _function = Killed(
+    poll_blocking(
+        Duration::from_secs(20),
+        "cargo lambda watch to listen",
+        || TcpStream::connect(("127.0.0.1", port)).ok(),
+    );
+    let _function = KillOnDrop(
         Command::new(&bin)
             .env(
                 "AWS_LAMBDA_RUNTIME_API",

@@ -3,8 +3,8 @@
 //! `SLUICE_TEST_RABBITMQ_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //!
 //! Each check uses its own queue name; every test deletes the topologies it made when it ends,
-//! and the queues are declared with `x-expires` ([`EXPIRES`]) so that a failed run leaves
-//! nothing behind for long.
+//! and the queues are declared with `x-expires` ([`TEST_QUEUE_EXPIRES`]) so that a failed run
+//! leaves nothing behind for long.
 
 use std::{
     collections::BTreeSet,
@@ -22,15 +22,9 @@ use sluice::{
         Transport, TransportOptions,
     },
 };
+use sluice_tests::rabbit::{self, url, TEST_QUEUE_EXPIRES};
 
-/// The broker removes a test's queues this long after their last use, should the test fail
-/// before deleting them.
-const EXPIRES: Duration = Duration::from_secs(10 * 60);
-
-fn url() -> String {
-    std::env::var("SLUICE_TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use crate::support;
 
 /// The queues one test made (handles made with the same options share a queue).
 #[derive(Clone, Default)]
@@ -52,16 +46,25 @@ impl Made {
 
 fn config() -> RabbitConfig {
     RabbitConfig {
-        queue_expires: Some(EXPIRES),
+        queue_expires: Some(TEST_QUEUE_EXPIRES),
         ..RabbitConfig::default()
     }
 }
 
 /// Opens a handle on `opts.queue` and records the queue for cleanup.
-async fn make(mut opts: TransportOptions, made: Made) -> RabbitTransport {
+async fn make(opts: TransportOptions, made: Made) -> RabbitTransport {
+    make_with(opts, made, config()).await
+}
+
+/// [`make`] with a configuration of the test's own.
+async fn make_with(
+    mut opts: TransportOptions,
+    made: Made,
+    config: RabbitConfig,
+) -> RabbitTransport {
     opts.url = url();
     made.0.lock().unwrap().push(opts.clone());
-    RabbitTransport::open_with(opts, config())
+    RabbitTransport::open_with(opts, config)
         .await
         .expect("open rabbitmq transport (is RabbitMQ up? scripts/services.sh rabbitmq)")
 }
@@ -76,77 +79,15 @@ async fn receive_one(t: &RabbitTransport) -> Delivery {
     .await
 }
 
-#[tokio::test]
-async fn ack_removes_the_message() {
-    let made = Made::default();
-    suite::ack_removes_the_message(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn retry_after_hides_the_message_until_the_delay() {
+support::transport_conformance!(
     // The delay ladder rounds down: a delivery comes at most one smallest step early.
-    let rounding = Duration::from_millis(DELAY_LADDER_MS[0]);
-    let made = Made::default();
-    suite::retry_after_hides_the_message_until_the_delay(|o| make(o, made.clone()), rounding).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn dead_letter_keeps_bytes_and_history() {
-    let made = Made::default();
-    suite::dead_letter_keeps_bytes_and_history(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn crash_loop_guard_dead_letters_after_max_deliveries() {
-    let made = Made::default();
-    suite::crash_loop_guard_dead_letters_after_max_deliveries(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn expired_lease_redelivers_and_stale_holder_cannot_settle() {
-    let made = Made::default();
-    suite::expired_lease_redelivers_and_stale_holder_cannot_settle(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn extend_keeps_the_message_leased() {
-    let made = Made::default();
-    suite::extend_keeps_the_message_leased(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn release_returns_the_message_at_once() {
-    let made = Made::default();
-    suite::release_returns_the_message_at_once(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn redrive_moves_dead_letters_back_with_attempts_reset() {
-    let made = Made::default();
-    suite::redrive_moves_dead_letters_back_with_attempts_reset(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_consumers_never_share_a_lease() {
-    let made = Made::default();
-    suite::concurrent_consumers_never_share_a_lease(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
-
-#[tokio::test]
-async fn stats_count_each_state() {
-    let made = Made::default();
-    suite::stats_count_each_state(|o| make(o, made.clone())).await;
-    made.cleanup().await;
-}
+    rounding: Duration::from_millis(DELAY_LADDER_MS[0]),
+    |check| {
+        let made = Made::default();
+        check(|o| make(o, made.clone())).await;
+        made.cleanup().await;
+    }
+);
 
 /// A producer that sets `sluice-*` headers itself must not be trusted: on the first delivery
 /// (and on retry copies) they reach `Delivery::headers`, where the pipeline rejects them, and
@@ -262,29 +203,21 @@ async fn a_message_over_the_delivery_limit_lands_in_the_dlq_as_crash_loop() {
 
 /// Closes, from the broker's side, the connection of the handle on `queue` (as a network failure
 /// would), with `rabbitmqctl`. Returns false when `rabbitmqctl` is not installed here.
-async fn kill_connection_of(queue: &str) -> bool {
+fn kill_connection_of(queue: &str) -> bool {
     let name = format!("sluice conformance on {queue}");
-    let Ok(out) = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "-q", "pid", "client_properties"])
-        .output()
-        .await
-    else {
-        return false;
-    };
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let pid = listing
-        .lines()
-        .find(|l| l.contains(&name))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("no connection named {name:?} in:\n{listing}"));
-    let status = tokio::process::Command::new("rabbitmqctl")
-        .args(["close_connection", pid, "test: simulated connection loss"])
-        .output()
-        .await
-        .expect("rabbitmqctl close_connection")
-        .status;
-    assert!(status.success(), "rabbitmqctl close_connection failed");
-    true
+    match rabbit::close_connections_named(&name, "test: simulated connection loss") {
+        Ok(closed) => {
+            assert!(closed > 0, "no connection named {name:?}");
+            true
+        }
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            false
+        }
+        Err(e) => panic!("rabbitmqctl: {e:#}"),
+    }
 }
 
 /// When the connection dies, the handle reconnects by itself; the broker redelivers what the
@@ -303,7 +236,7 @@ async fn a_lost_connection_is_replaced_and_its_deliveries_cannot_be_settled() {
         .remove(0);
     let before = receive_one(&t).await;
     assert_eq!(before.attempt, 1);
-    if !kill_connection_of(&queue).await {
+    if !kill_connection_of(&queue) {
         eprintln!("skipped: rabbitmqctl is not installed");
         made.cleanup().await;
         return;
@@ -335,19 +268,13 @@ async fn a_lost_connection_is_replaced_and_its_deliveries_cannot_be_settled() {
 #[tokio::test]
 async fn a_delivery_is_requeued_before_the_brokers_consumer_timeout() {
     let made = Made::default();
-    let mut opts = suite::options(suite::LONG_LEASE, 5);
-    opts.url = url();
-    made.0.lock().unwrap().push(opts.clone());
+    let opts = suite::options(suite::LONG_LEASE, 5);
     let hold = Duration::from_secs(1);
-    let t = RabbitTransport::open_with(
-        opts,
-        RabbitConfig {
-            max_hold: hold,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let config = RabbitConfig {
+        max_hold: hold,
+        ..config()
+    };
+    let t = make_with(opts, made.clone(), config).await;
     let id = t
         .publish(vec![OutgoingMessage::new("{}")])
         .await
@@ -393,19 +320,13 @@ async fn prefetched_deliveries_are_requeued_before_the_brokers_consumer_timeout(
     let made = Made::default();
     // A short lease makes the lease keeper tick every 100 ms; max_deliveries leaves room for
     // a few requeues before the crash-loop guard.
-    let mut opts = suite::options(Duration::from_millis(800), 10);
-    opts.url = url();
-    made.0.lock().unwrap().push(opts.clone());
+    let opts = suite::options(Duration::from_millis(800), 10);
     let hold = Duration::from_millis(500);
-    let t = RabbitTransport::open_with(
-        opts,
-        RabbitConfig {
-            max_hold: hold,
-            ..config()
-        },
-    )
-    .await
-    .unwrap();
+    let config = RabbitConfig {
+        max_hold: hold,
+        ..config()
+    };
+    let t = make_with(opts, made.clone(), config).await;
     t.publish((0..3).map(|_| OutgoingMessage::new("{}")).collect())
         .await
         .unwrap();

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     time::Duration,
 };
@@ -25,16 +25,21 @@ use sluice::{
     },
 };
 use sluice_tests::{
-    function_binary, ledger_counts,
+    function_binary,
     rabbit::{self, rabbitmqctl, Vhost},
     Sandbox,
 };
 
+use crate::support::{poll_blocking, FunctionRun};
+
 /// The example functions the file describes.
 const FUNCTIONS: [&str; 2] = ["charge-payment", "deliver-webhook"];
+/// Longest wait for the broker to show a policy's effect (each look runs `rabbitmqctl`, about
+/// half a second).
+const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn definitions_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/rabbitmq/definitions.json")
+    sluice_tests::repo_root().join("infra/rabbitmq/definitions.json")
 }
 
 fn definitions() -> Value {
@@ -217,15 +222,17 @@ async fn definitions_file_describes_exactly_what_provision_declares() {
 async fn imported_definitions_serve_a_worker_that_declares_nothing() {
     const PAYMENTS: u64 = 40;
     let vhost = Vhost::create("defs-import").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::new(dir.path()).unwrap();
+    let run = FunctionRun::new("charge-payment")
+        .env("SLUICE__TRANSPORT__KIND", "rabbitmq")
+        .env("SLUICE__TRANSPORT__URL", &vhost.url)
+        .env("SLUICE__TRANSPORT__DECLARE", "false");
 
     let text = std::fs::read_to_string(definitions_path()).unwrap();
     let moved = text.replace(
         "\"vhost\": \"/\"",
         &format!("\"vhost\": \"{}\"", vhost.name),
     );
-    let file = dir.path().join("definitions.json");
+    let file = run.path("definitions.json");
     std::fs::write(&file, moved).unwrap();
     rabbitmqctl(&["import_definitions", file.to_str().unwrap()]).expect("import_definitions");
     let imported = queue_names(&vhost.name);
@@ -246,56 +253,40 @@ async fn imported_definitions_serve_a_worker_that_declares_nothing() {
         assert_eq!(policy, expected, "the policy of {queue}");
     }
 
-    let bin = function_binary("charge-payment").unwrap();
-    let run = |args: &[&str], log: &str| -> Command {
-        let mut cmd = sandbox.command(&bin, args, log).unwrap();
-        cmd.env("SLUICE__TRANSPORT__KIND", "rabbitmq")
-            .env("SLUICE__TRANSPORT__URL", &vhost.url)
-            .env("SLUICE__TRANSPORT__DECLARE", "false");
-        cmd
-    };
-    let ok = |args: &[&str]| {
-        let out = run(args, "cli.log").output().unwrap();
-        assert!(
-            out.status.success(),
-            "charge-payment {args:?}: {:?}",
-            out.status
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    ok(&[
+    run.cli(&[
         "send",
         "--count",
         &PAYMENTS.to_string(),
         r#"{"payment_id":"pay-{{seq}}","amount_cents":700,"currency":"EUR","customer":"c-2"}"#,
     ]);
-    ok(&["send", "not json"]);
+    run.cli(&["send", "not json"]);
 
-    let summary = dir.path().join("summary.json");
-    let status = run(
-        &[
-            "--set",
-            "app.failure_rate=0.3",
-            "--set",
-            "retry.immediate=0",
-            "--set",
-            "retry.base=300ms",
-            "--set",
-            "retry.cap=600ms",
-            "--set",
-            "breaker.enabled=false",
-            "run",
-            "--drain",
-            "--summary",
-            summary.to_str().unwrap(),
-        ],
-        "worker.log",
-    )
-    .status()
-    .unwrap();
+    let summary = run.path("summary.json");
+    let status = run
+        .command(
+            &[
+                "--set",
+                "app.failure_rate=0.3",
+                "--set",
+                "retry.immediate=0",
+                "--set",
+                "retry.base=300ms",
+                "--set",
+                "retry.cap=600ms",
+                "--set",
+                "breaker.enabled=false",
+                "run",
+                "--drain",
+                "--summary",
+                summary.to_str().unwrap(),
+            ],
+            "worker.log",
+        )
+        .status()
+        .unwrap();
     assert!(status.success(), "worker: {status:?}");
 
-    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
+    let log = run.log("worker.log");
     assert!(
         !log.contains("topology is incomplete"),
         "the imported topology is complete:\n{log}"
@@ -305,12 +296,12 @@ async fn imported_definitions_serve_a_worker_that_declares_nothing() {
         summary["retried"].as_u64().unwrap() > 0,
         "retries went through the delay ladder: {summary}"
     );
-    let ledger = ledger_counts(&sandbox.ledger_db()).unwrap();
+    let ledger = run.ledger();
     assert_eq!(
         (ledger.charges, ledger.distinct_payments),
         (PAYMENTS, PAYMENTS)
     );
-    let stats: Value = serde_json::from_str(&ok(&["stats", "--json"])).unwrap();
+    let stats = run.stats();
     assert_eq!(
         (&stats["ready"], &stats["delayed"], &stats["dead_lettered"]),
         (&Value::from(0), &Value::from(0), &Value::from(1)),
@@ -397,7 +388,9 @@ async fn a_policy_lowers_the_delivery_limit_of_declared_queues() {
         &policy["definition"].to_string(),
     ])
     .expect("set_policy");
-    poll(|| queue_policies(&vhost.name).get(queue).map(String::as_str) == Some(queue));
+    poll_blocking(BROKER_TIMEOUT, "the policy to apply", || {
+        (queue_policies(&vhost.name).get(queue).map(String::as_str) == Some(queue)).then_some(())
+    });
 
     t.publish(vec![OutgoingMessage::new("{}")]).await.unwrap();
     for attempt in 1..=2 {
@@ -409,20 +402,11 @@ async fn a_policy_lowers_the_delivery_limit_of_declared_queues() {
         assert_eq!(d.attempt, attempt);
         t.release(&d).await.unwrap();
     }
-    poll(|| vhost.queue_counts(&format!("{queue}.dlq")).unwrap() == Some((1, 0)));
+    poll_blocking(BROKER_TIMEOUT, "the dead letter in the DLQ", || {
+        (vhost.queue_counts(&format!("{queue}.dlq")).unwrap() == Some((1, 0))).then_some(())
+    });
     let s = t.stats().await.unwrap();
     assert_eq!((s.ready, s.dead_lettered), (0, 1), "{s:?}");
-}
-
-/// Polls `done` (each call runs `rabbitmqctl`, about half a second) for up to 30 s.
-fn poll(mut done: impl FnMut() -> bool) {
-    for _ in 0..60 {
-        if done() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("the broker did not get there in 30 s");
 }
 
 /// With declaring off and no topology, a handle still opens (so that `provision` can run),

@@ -17,38 +17,28 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
 use sluice::conformance::unique;
-use sluice_tests::{function_binary, ledger_counts, Sandbox};
+use sluice_tests::{function_binary, repo_root};
+
+use crate::support::{wait_exit, FunctionRun, CHARGE_TEMPLATE};
 
 /// Longest `run --drain` may take for a handful of messages on moto.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// The moto venv's python (boto3), where scripts/moto.sh installs it.
 fn venv_python() -> PathBuf {
-    let venv = std::env::var("SLUICE_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/sluice/venv")
-        });
-    venv.join("bin/python")
+    sluice_tests::venv_dir().join("bin/python")
 }
 
 /// Runs the venv's python with `args` from the repository root; panics on failure; stdout.
 fn python(args: &[&str]) -> String {
     let out = Command::new(venv_python())
         .args(args)
-        .current_dir(repo())
+        .current_dir(repo_root())
         .output()
         .unwrap_or_else(|e| {
             panic!(
@@ -119,8 +109,8 @@ fn object_count(store_url: &str) -> u64 {
     python(&["-c", script, store_url]).trim().parse().unwrap()
 }
 
-#[test]
-fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_dlq() {
+#[tokio::test]
+async fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_dlq() {
     let (name, stack) = deploy_charge_payment_without_function("infra-cp");
     let created: Vec<&str> = stack["resources"]
         .as_array()
@@ -158,60 +148,27 @@ fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_d
     assert_eq!(env["SLUICE__TRANSPORT__URL"], out("QueueUrl"));
     assert_eq!(env["SLUICE__STORE__URL"], out("StoreUrl"));
 
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::new(dir.path()).unwrap();
-    let bin = function_binary("charge-payment").unwrap();
-    let cli = |args: &[&str]| {
-        let out = sandbox
-            .command(&bin, args, "cli.log")
-            .unwrap()
-            .envs(&env)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "charge-payment {args:?}: {}; see {}",
-            out.status,
-            dir.path().join("cli.log").display()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = env
+        .iter()
+        .fold(FunctionRun::new("charge-payment"), |run, (k, v)| {
+            run.env(k, v)
+        });
 
-    cli(&[
-        "send",
-        "--count",
-        "5",
-        r#"{"payment_id":"pay-{{seq}}","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#,
-    ]);
-    cli(&["send", "this is not a charge request"]);
+    run.cli(&["send", "--count", "5", CHARGE_TEMPLATE]);
+    run.cli(&["send", "this is not a charge request"]);
     assert_eq!(queue_depth(&out("QueueUrl")), 6);
 
     // `run --drain` exits once the queue is empty; the deadline only guards against a hang.
-    let mut worker = sandbox
-        .command(&bin, &["run", "--drain"], "worker.log")
-        .unwrap()
-        .envs(&env)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = worker.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = worker.kill();
-            panic!("run --drain still running after {TIMEOUT:?}; see worker.log");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut worker = run.worker(&["--drain"], "worker.log");
+    let log = run.path("worker.log");
+    let status = wait_exit(&mut worker, TIMEOUT, Some(&log)).await;
     assert!(
         status.success(),
         "run --drain: {status}; see {}",
-        dir.path().join("worker.log").display()
+        log.display()
     );
 
-    let ledger = ledger_counts(&sandbox.ledger_db()).unwrap();
+    let ledger = run.ledger();
     assert_eq!((ledger.charges, ledger.distinct_payments), (5, 5));
     // One idempotency record per charge, in the deployed bucket under the deployed prefix.
     assert_eq!(object_count(&out("StoreUrl")), 5);
@@ -220,7 +177,7 @@ fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_d
     // (read through the function, which found the DLQ through the deployed RedrivePolicy).
     assert_eq!(queue_depth(&out("DeadLetterQueueUrl")), 1);
     assert_eq!(queue_depth(&out("QueueUrl")), 0);
-    let dead: serde_json::Value = serde_json::from_str(&cli(&["dlq", "list", "--json"])).unwrap();
+    let dead = run.json(&["dlq", "list", "--json"]);
     let dead = dead.as_array().unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["error_class"], "permanent", "{}", dead[0]);
@@ -238,7 +195,7 @@ fn charge_payment_runs_on_the_deployed_stack_and_a_poison_message_lands_in_its_d
 /// outputs as CloudFormation resolves them on AWS.
 fn function_environment(outputs: &serde_json::Value) -> BTreeMap<String, String> {
     let template: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("infra/aws/charge-payment.json")).unwrap(),
+        &std::fs::read_to_string(repo_root().join("infra/aws/charge-payment.json")).unwrap(),
     )
     .unwrap();
     let vars = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
@@ -272,25 +229,14 @@ fn the_lambda_build_with_the_templates_environment_drains_the_deployed_queue() {
     // The template's ledger is /tmp/ledger.db (Lambda's only writable place); this test
     // counts charges in its own.
     assert_eq!(env["SLUICE__APP__LEDGER"], "/tmp/ledger.db");
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::new(dir.path()).unwrap();
-    let ledger = format!("SLUICE__APP__LEDGER={}", sandbox.ledger_db().display());
-
-    let bin = function_binary("charge-payment").unwrap();
-    let send = |body: &str, count: &str| {
-        let out = sandbox
-            .command(&bin, &["send", "--count", count, body], "cli.log")
-            .unwrap()
-            .envs(&env)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "send: {}", out.status);
-    };
-    send(
-        r#"{"payment_id":"pay-{{seq}}","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#,
-        "8",
-    );
-    send("this is not a charge request", "1");
+    let run = env
+        .iter()
+        .fold(FunctionRun::new("charge-payment"), |run, (k, v)| {
+            run.env(k, v)
+        });
+    let ledger = format!("SLUICE__APP__LEDGER={}", run.sandbox.ledger_db().display());
+    run.cli(&["send", "--count", "8", CHARGE_TEMPLATE]);
+    run.cli(&["send", "--count", "1", "this is not a charge request"]);
 
     // local-esm invokes the Lambda build the way the event source mapping the template
     // declares would: batches of 10, the function's timeout, partial batch responses. Only the
@@ -306,7 +252,7 @@ fn the_lambda_build_with_the_templates_environment_drains_the_deployed_queue() {
     .args(["--queue", &env["SLUICE__TRANSPORT__URL"]])
     .args(["--timeout", "22s", "--env", &ledger])
     .arg("--log")
-    .arg(dir.path().join("lambda.log"));
+    .arg(run.path("lambda.log"));
     for (k, v) in &env {
         cmd.env(k, v);
     }
@@ -315,13 +261,13 @@ fn the_lambda_build_with_the_templates_environment_drains_the_deployed_queue() {
         out.status.success(),
         "local-esm: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(dir.path().join("lambda.log")).unwrap_or_default()
+        run.log("lambda.log")
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["reported_failed"], 0, "{summary}");
     assert_eq!(summary["invocation_errors"], 0, "{summary}");
 
-    let ledger = ledger_counts(&sandbox.ledger_db()).unwrap();
+    let ledger = run.ledger();
     assert_eq!((ledger.charges, ledger.distinct_payments), (8, 8));
     assert_eq!(object_count(&env["SLUICE__STORE__URL"]), 8);
     assert_eq!(
@@ -348,12 +294,12 @@ fn copy_tree(from: &Path, to: &Path) {
 fn sluice_infra_check_names_the_template_that_drifted_from_a_changed_sluice_toml() {
     let bin = function_binary("sluice-infra").unwrap();
     let root = tempfile::tempdir().unwrap();
-    copy_tree(&repo().join("infra"), &root.path().join("infra"));
+    copy_tree(&repo_root().join("infra"), &root.path().join("infra"));
     for f in ["charge-payment", "deliver-webhook"] {
         let dir = root.path().join("functions").join(f);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(
-            repo().join("functions").join(f).join("sluice.toml"),
+            repo_root().join("functions").join(f).join("sluice.toml"),
             dir.join("sluice.toml"),
         )
         .unwrap();

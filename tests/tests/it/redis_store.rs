@@ -12,80 +12,26 @@ use sluice::{
         Claim, ClaimRequest, IdempotencyStore,
     },
 };
+use sluice_tests::redis_url;
 
-fn url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
-}
+use crate::support;
 
 async fn make() -> RedisStore {
-    RedisStore::open(&url(), suite::OUTPUT_LIMIT)
+    RedisStore::open(&redis_url(), suite::OUTPUT_LIMIT)
         .await
         .expect("open redis store (is Redis running? scripts/services.sh redis)")
 }
 
 /// A plain connection for looking behind the store's back.
 async fn raw() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url())
+    redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .expect("connect to redis")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn claim_race_has_exactly_one_winner() {
-    suite::claim_race_has_exactly_one_winner(make).await;
-}
-
-#[tokio::test]
-async fn completed_record_replays_the_output() {
-    suite::completed_record_replays_the_output(make).await;
-}
-
-#[tokio::test]
-async fn live_lease_reports_in_progress() {
-    suite::live_lease_reports_in_progress(make).await;
-}
-
-#[tokio::test]
-async fn expired_lease_is_taken_over_and_the_old_token_is_stale() {
-    suite::expired_lease_is_taken_over_and_the_old_token_is_stale(make).await;
-}
-
-#[tokio::test]
-async fn fingerprint_mismatch_is_reported() {
-    suite::fingerprint_mismatch_is_reported(make).await;
-}
-
-#[tokio::test]
-async fn record_ttl_expires() {
-    suite::record_ttl_expires(make).await;
-}
-
-#[tokio::test]
-async fn release_lets_the_key_be_claimed_again() {
-    suite::release_lets_the_key_be_claimed_again(make).await;
-}
-
-#[tokio::test]
-async fn extend_keeps_the_lease() {
-    suite::extend_keeps_the_lease(make).await;
-}
-
-#[tokio::test]
-async fn oversized_output_is_refused() {
-    suite::oversized_output_is_refused(make).await;
-}
-
-#[tokio::test]
-async fn odd_keys_are_safe_and_distinct() {
-    suite::odd_keys_are_safe_and_distinct(make).await;
-}
-
-#[tokio::test]
-async fn claim_many_answers_like_single_claims() {
-    suite::claim_many_answers_like_single_claims(make).await;
-}
+support::store_conformance!(make);
 
 async fn script_flush(conn: &mut redis::aio::MultiplexedConnection) {
     redis::cmd("SCRIPT")

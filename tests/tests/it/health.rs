@@ -7,16 +7,17 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Stdio,
+    time::Duration,
 };
 
 use sluice_tests::{function_binary, ledger_counts, Sandbox};
 
+use crate::support::{free_port, poll_blocking, sigterm, KillOnDrop};
+
 const BODY: &str =
     r#"{"payment_id":"h-{{seq}}","amount_cents":700,"currency":"EUR","customer":"c"}"#;
 const DEADLINE: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(25);
 
 /// One GET; `None` when nothing listens (refused or reset).
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -30,18 +31,6 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_owned()))
 }
 
-/// Polls `f` until it returns `Some`, failing the test at the deadline with `what`.
-fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(POLL);
-    }
-}
-
 /// The value of one sample line, e.g. `sluice_received_total{function="charge-payment"}`.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
@@ -53,14 +42,6 @@ fn counter(port: u16, name: &str) -> Option<f64> {
     let (status, body) = get(port, "/metrics")?;
     assert_eq!(status, 200, "{body}");
     sample(&body, &format!("{name}{{function=\"charge-payment\"}}"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn send(sandbox: &Sandbox, bin: &Path, count: u32, first: u32) {
@@ -77,15 +58,6 @@ fn send(sandbox: &Sandbox, bin: &Path, count: u32, first: u32) {
     assert!(out.status.success(), "{out:?}");
 }
 
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +68,7 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
     let listen = format!("telemetry.listen=127.0.0.1:{port}");
     // Every gateway call takes 2 s, so messages are still in flight when SIGTERM lands, and
     // the grace (30 s) is long enough for them to finish.
-    let mut worker = Worker(
+    let mut worker = KillOnDrop(
         sandbox
             .spawn_worker(
                 &bin,
@@ -115,7 +87,7 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
             .unwrap(),
     );
 
-    let ready = poll("/readyz 200", || {
+    let ready = poll_blocking(DEADLINE, "/readyz 200", || {
         get(port, "/readyz").filter(|(status, _)| *status == 200)
     });
     assert_eq!(ready.1.trim(), "ready");
@@ -123,7 +95,7 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
     assert_eq!((status, body.trim()), (200, "alive"));
 
     // The counters say exactly what happened: 5 received, 5 succeeded, nothing else.
-    poll("5 messages settled", || {
+    poll_blocking(DEADLINE, "5 messages settled", || {
         (counter(port, "sluice_succeeded_total")? == 5.0).then_some(())
     });
     let (_, metrics) = get(port, "/metrics").unwrap();
@@ -154,16 +126,11 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
 
     // Two more, caught in flight by SIGTERM: /readyz turns 503 while they finish.
     send(&sandbox, &bin, 2, 2);
-    poll("both messages in flight", || {
+    poll_blocking(DEADLINE, "both messages in flight", || {
         (counter(port, "sluice_in_flight")? == 2.0).then_some(())
     });
-    let term = Command::new("kill")
-        .args(["-TERM", &worker.0.id().to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let (status, body) = poll("/readyz 503 after SIGTERM", || {
+    sigterm(&worker.0);
+    let (status, body) = poll_blocking(DEADLINE, "/readyz 503 after SIGTERM", || {
         get(port, "/readyz").filter(|(status, _)| *status != 200)
     });
     assert_eq!((status, body.trim()), (503, "draining"));
@@ -176,7 +143,9 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
         "sluice_ready follows /readyz"
     );
 
-    let status = poll("the worker to exit", || worker.0.try_wait().unwrap());
+    let status = poll_blocking(DEADLINE, "the worker to exit", || {
+        worker.0.try_wait().unwrap()
+    });
     assert!(status.success(), "graceful exit: {status:?}");
     assert_eq!(ledger_counts(&sandbox.ledger_db()).unwrap().charges, 7);
     assert!(

@@ -13,12 +13,8 @@ use sluice::{
 };
 use sluice_tests::{charge_body, lambda::lambda_binary, ledger_counts};
 
-fn moto() {
-    sluice_tests::moto("SQS");
-}
-
 async fn queue(name: &str, max_receive: u32) -> SqsTransport {
-    moto();
+    sluice_tests::moto("SQS");
     SqsTransport::open(TransportOptions {
         queue: name.into(),
         function: "charge-payment".into(),

@@ -24,7 +24,7 @@ use sluice::{
                 self,
                 types::{Message, MessageSystemAttributeName, QueueAttributeName},
             },
-            sdk_config_from_env, SqsTransport,
+            SqsTransport,
         },
         Transport, TransportOptions,
     },
@@ -35,20 +35,17 @@ use sluice_tests::{
     ledger_counts,
 };
 
+use crate::support::sqs_client;
+
 const FUNCTION: &str = "charge-payment";
 /// The invocation's time: the deadline the stub gives each event.
 const BUDGET: Duration = Duration::from_secs(30);
 /// Retry delay envelope used by the retry tests (full jitter draws below it; SQS rounds up).
 const RETRY_BASE: &str = "3s";
 
-fn moto() -> String {
-    sluice_tests::moto("SQS")
-}
-
+/// A JSON fixture of tests/fixtures/.
 fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name);
+    let path = sluice_tests::fixture(name);
     serde_json::from_slice(&std::fs::read(&path).expect("read fixture")).expect("fixture JSON")
 }
 
@@ -66,7 +63,7 @@ struct Queue {
 
 impl Queue {
     async fn new(prefix: &str, fifo: bool) -> Self {
-        moto();
+        sluice_tests::moto("SQS");
         let name = if fifo {
             format!("{}.fifo", unique(prefix))
         } else {
@@ -82,8 +79,7 @@ impl Queue {
         })
         .await
         .expect("provision the queue on moto");
-        let client =
-            aws_sdk_sqs::Client::from_conf(sdk_config_from_env().await.expect("sdk").build());
+        let client = sqs_client().await;
         Self { name, sqs, client }
     }
 

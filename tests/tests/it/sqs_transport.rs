@@ -26,7 +26,6 @@ use sluice::{
     transport::{
         sqs::{
             aws_sdk_sqs::{
-                self,
                 config::{
                     interceptors::BeforeSerializationInterceptorContextRef, ConfigBag, Intercept,
                 },
@@ -43,75 +42,22 @@ use sluice::{
     },
 };
 
-/// The moto endpoint; panics unless the SDK's own endpoint variable points at it too, so no
-/// request of this test can reach real AWS.
-fn moto() -> String {
-    sluice_tests::moto("SQS")
-}
+use crate::support::{self, sqs_client};
 
 /// A handle on the queue named `opts.queue` (created with its DLQ on first open).
 async fn make(mut opts: TransportOptions) -> SqsTransport {
-    moto();
+    sluice_tests::moto("SQS");
     opts.url = opts.queue.clone();
     SqsTransport::open(opts).await.expect("open sqs transport")
 }
 
-/// A raw SDK client, for what the adapter must not do (forged attributes, bare queues).
-async fn raw_client() -> aws_sdk_sqs::Client {
-    moto();
-    aws_sdk_sqs::Client::from_conf(sdk_config_from_env().await.expect("sdk config").build())
-}
-
-#[tokio::test]
-async fn ack_removes_the_message() {
-    suite::ack_removes_the_message(make).await;
-}
-
-#[tokio::test]
-async fn retry_after_hides_the_message_until_the_delay() {
+support::transport_conformance!(
     // Delays are rounded up to whole seconds: never early, so no rounding allowance.
-    suite::retry_after_hides_the_message_until_the_delay(make, Duration::ZERO).await;
-}
-
-#[tokio::test]
-async fn dead_letter_keeps_bytes_and_history() {
-    suite::dead_letter_keeps_bytes_and_history(make).await;
-}
-
-#[tokio::test]
-async fn crash_loop_guard_dead_letters_after_max_deliveries() {
-    suite::crash_loop_guard_dead_letters_after_max_deliveries(make).await;
-}
-
-#[tokio::test]
-async fn expired_lease_redelivers_and_stale_holder_cannot_settle() {
-    suite::expired_lease_redelivers_and_stale_holder_cannot_settle(make).await;
-}
-
-#[tokio::test]
-async fn extend_keeps_the_message_leased() {
-    suite::extend_keeps_the_message_leased(make).await;
-}
-
-#[tokio::test]
-async fn release_returns_the_message_at_once() {
-    suite::release_returns_the_message_at_once(make).await;
-}
-
-#[tokio::test]
-async fn redrive_moves_dead_letters_back_with_attempts_reset() {
-    suite::redrive_moves_dead_letters_back_with_attempts_reset(make).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_consumers_never_share_a_lease() {
-    suite::concurrent_consumers_never_share_a_lease(make).await;
-}
-
-#[tokio::test]
-async fn stats_count_each_state() {
-    suite::stats_count_each_state(make).await;
-}
+    rounding: Duration::ZERO,
+    |check| {
+        check(make).await;
+    }
+);
 
 // ---------------------------------------------------------------------------------------------
 // SQS only
@@ -148,7 +94,7 @@ impl Intercept for Calls {
 
 /// A handle whose SDK calls are counted.
 async fn counted(opts: TransportOptions) -> (SqsTransport, Calls) {
-    moto();
+    sluice_tests::moto("SQS");
     let calls = Calls::default();
     let sdk = sdk_config_from_env()
         .await
@@ -336,7 +282,7 @@ async fn bodies_that_are_not_sqs_text_come_back_byte_for_byte() {
 async fn open_provisions_a_missing_queue_with_its_dlq_and_redrive_policy() {
     let opts = suite::options(Duration::from_millis(1500), 7);
     let t = make(opts).await;
-    let client = raw_client().await;
+    let client = sqs_client().await;
     let attrs = client
         .get_queue_attributes()
         .queue_url(t.queue_url())
@@ -363,7 +309,7 @@ async fn open_provisions_a_missing_queue_with_its_dlq_and_redrive_policy() {
 
 #[tokio::test]
 async fn a_queue_without_redrive_policy_is_refused_at_open() {
-    let client = raw_client().await;
+    let client = sqs_client().await;
     let name = unique("bare");
     client
         .create_queue()
@@ -414,7 +360,7 @@ async fn settling_twice_or_with_a_handle_sqs_does_not_know_is_lease_lost() {
 #[tokio::test]
 async fn forged_sluice_attributes_reach_the_pipeline_as_headers() {
     let t = make(long_lease()).await;
-    let client = raw_client().await;
+    let client = sqs_client().await;
     let attr = |v: &str| {
         MessageAttributeValue::builder()
             .data_type("String")
@@ -615,7 +561,7 @@ mod fifo {
 
     /// The SQS queue is `<queue>.fifo`; `queue` stays the name the suite checks in history.
     async fn make_fifo(mut opts: TransportOptions) -> SqsTransport {
-        moto();
+        sluice_tests::moto("SQS");
         opts.url = format!("{}.fifo", opts.queue);
         SqsTransport::open(opts)
             .await

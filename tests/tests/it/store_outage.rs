@@ -48,9 +48,9 @@ async fn handler(job: Job, ctx: &Context<Calls>) -> Result<Done, HandlerError> {
     Ok(Done { key: job.key })
 }
 
+/// The test server's `host:port` (`SLUICE_TEST_REDIS_URL`), for the proxy to connect to.
 fn redis_target() -> String {
-    let url = std::env::var("SLUICE_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    let url = sluice_tests::redis_url();
     url.trim_start_matches("redis://")
         .split('/')
         .next()

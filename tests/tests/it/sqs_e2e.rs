@@ -8,133 +8,41 @@
 //! own queue (moto slows down as a queue grows) and keeps it short.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    path::Path,
+    process::Child,
     time::{Duration, Instant},
 };
 
 use sluice::conformance::{poll_until, unique};
-use sluice_tests::{function_binary, ledger_counts, Sandbox};
+
+use crate::support::{sigterm, wait_exit, FunctionRun, CHARGE_TEMPLATE};
 
 /// Longest a step may take (moto handles a few hundred messages a second on short queues).
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-const BODY: &str =
-    r#"{"payment_id":"pay-{{seq}}","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#;
-
-/// Panics unless the SDK's endpoint variable points at moto, so no process this test starts
-/// can reach real AWS.
-fn assert_moto() {
+/// charge-payment on an SQS queue of its own (and its idempotency store and ledger files);
+/// returns the queue's name too. Fails unless the AWS endpoint is moto, so no process this
+/// test starts can reach real AWS.
+fn sqs_run(prefix: &str) -> (FunctionRun, String) {
     sluice_tests::moto("SQS");
+    let queue = unique(prefix);
+    let run = FunctionRun::new("charge-payment")
+        .env("SLUICE__TRANSPORT__KIND", "sqs")
+        .env("SLUICE__TRANSPORT__URL", &queue)
+        .env("SLUICE__QUEUE", &queue);
+    (run, queue)
 }
 
-/// A sandbox (idempotency store and ledger files) around one SQS queue of its own.
-struct SqsRun {
-    sandbox: Sandbox,
-    bin: PathBuf,
-    queue: String,
-    _dir: tempfile::TempDir,
-}
-
-impl SqsRun {
-    fn new(prefix: &str) -> Self {
-        assert_moto();
-        let dir = tempfile::tempdir().unwrap();
-        let sandbox = Sandbox::new(dir.path()).unwrap();
-        Self {
-            sandbox,
-            bin: function_binary("charge-payment").unwrap(),
-            queue: unique(prefix),
-            _dir: dir,
-        }
-    }
-
-    /// `charge-payment <args>` on this queue, logs appended to `log`.
-    fn command(&self, args: &[&str], log: &str) -> Command {
-        let mut cmd = self.sandbox.command(&self.bin, args, log).unwrap();
-        cmd.env("SLUICE__TRANSPORT__KIND", "sqs")
-            .env("SLUICE__TRANSPORT__URL", &self.queue)
-            .env("SLUICE__QUEUE", &self.queue);
-        cmd
-    }
-
-    /// Runs a command to completion; panics on failure; returns stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = self.command(args, "cli.log").output().unwrap();
-        assert!(
-            out.status.success(),
-            "charge-payment {args:?} failed ({:?}); see {}",
-            out.status,
-            self.sandbox.dir.join("cli.log").display()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.cli(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        self.json(&["stats", "--json"])
-    }
-
-    fn dlq(&self) -> Vec<serde_json::Value> {
-        self.json(&["dlq", "list", "--json"])
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    fn spawn(&self, extra: &[&str], log: &str) -> Child {
-        let mut args = vec!["run"];
-        args.extend_from_slice(extra);
-        self.command(&args, log)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
-    fn summary_path(&self, name: &str) -> PathBuf {
-        self.sandbox.dir.join(name)
-    }
-
-    fn ledger(&self) -> sluice_tests::LedgerCounts {
-        ledger_counts(&self.sandbox.ledger_db()).unwrap()
-    }
-
-    async fn charges_at_least(&self, n: u64, what: &str) {
-        poll_until(TIMEOUT, what, || async {
-            (self.ledger().charges >= n).then_some(())
-        })
-        .await;
-    }
+/// `dlq list --json`: the dead letters, peeked.
+fn dead_letters(run: &FunctionRun) -> Vec<serde_json::Value> {
+    run.json(&["dlq", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 fn read_summary(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn sigterm(child: &Child) {
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-}
-
-async fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("worker did not exit within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn assert_empty(stats: &serde_json::Value) {
@@ -147,7 +55,7 @@ fn assert_empty(stats: &serde_json::Value) {
 async fn three_workers_one_sigkilled_mid_run_lose_nothing_and_charge_each_payment_once() {
     const PAYMENTS: u64 = 150;
     let t0 = Instant::now();
-    let run = SqsRun::new("e2e-kill");
+    let (run, _) = sqs_run("e2e-kill");
     // A short lease brings the killed worker's messages back soon (2 s visibility).
     let settings = [
         "--drain",
@@ -161,14 +69,14 @@ async fn three_workers_one_sigkilled_mid_run_lose_nothing_and_charge_each_paymen
         "retry.base=1s",
     ];
     run.cli(&["provision", "--set", "transport.lease=2s"]);
-    run.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
+    run.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
     // Twenty duplicates of the first twenty payments.
-    run.cli(&["send", "--count", "20", BODY]);
+    run.cli(&["send", "--count", "20", CHARGE_TEMPLATE]);
 
     let mut workers: Vec<Child> = (0..3)
-        .map(|i| run.spawn(&settings, &format!("worker-{i}.log")))
+        .map(|i| run.worker(&settings, &format!("worker-{i}.log")))
         .collect();
-    run.charges_at_least(30, "charges to reach the kill point")
+    run.charges_at_least(30, TIMEOUT, "charges to reach the kill point")
         .await;
     let mut victim = workers.remove(0);
     victim.kill().unwrap(); // SIGKILL: no shutdown path runs, its messages stay leased.
@@ -180,9 +88,9 @@ async fn three_workers_one_sigkilled_mid_run_lose_nothing_and_charge_each_paymen
     );
 
     // A restarted worker joins the survivors; all drain the queue.
-    workers.push(run.spawn(&settings, "worker-restart.log"));
+    workers.push(run.worker(&settings, "worker-restart.log"));
     for w in &mut workers {
-        let status = wait_exit(w, TIMEOUT).await;
+        let status = wait_exit(w, TIMEOUT, None).await;
         assert!(status.success(), "drain exit: {status:?}");
     }
 
@@ -203,7 +111,7 @@ async fn a_handler_slower_than_the_visibility_timeout_is_kept_leased_and_runs_on
     // One message, two workers: one works it, the other keeps polling the queue.
     const PAYMENTS: u64 = 1;
     let t0 = Instant::now();
-    let run = SqsRun::new("e2e-slow");
+    let (run, _) = sqs_run("e2e-slow");
     // Visibility 2 s, handler 5 s: without heartbeats the idle worker would receive the
     // message again after 2 s (and the busy one would find its receipt stale).
     let settings = [
@@ -215,20 +123,20 @@ async fn a_handler_slower_than_the_visibility_timeout_is_kept_leased_and_runs_on
         "worker.concurrency=1",
     ];
     run.cli(&["provision", "--set", "transport.lease=2s"]);
-    run.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
+    run.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
 
     let summaries = ["summary-a.json", "summary-b.json"];
     let mut workers: Vec<Child> = summaries
         .iter()
         .map(|name| {
-            let path = run.summary_path(name).display().to_string();
+            let path = run.path(name).display().to_string();
             let mut args = vec!["--drain", "--summary", &path];
             args.extend_from_slice(&settings);
-            run.spawn(&args, &format!("worker-{name}.log"))
+            run.worker(&args, &format!("worker-{name}.log"))
         })
         .collect();
     for w in &mut workers {
-        let status = wait_exit(w, TIMEOUT).await;
+        let status = wait_exit(w, TIMEOUT, None).await;
         assert!(status.success(), "drain exit: {status:?}");
     }
 
@@ -237,7 +145,7 @@ async fn a_handler_slower_than_the_visibility_timeout_is_kept_leased_and_runs_on
     assert_eq!(ledger.charges, PAYMENTS, "no payment charged twice");
     let (mut received, mut duplicates) = (0, 0);
     for name in summaries {
-        let s = read_summary(&run.summary_path(name));
+        let s = read_summary(&run.path(name));
         received += s["received"].as_u64().unwrap();
         duplicates += s["duplicates_skipped"].as_u64().unwrap();
         assert_eq!(s["retried"], 0, "{name}: {s}");
@@ -257,7 +165,7 @@ async fn a_handler_slower_than_the_visibility_timeout_is_kept_leased_and_runs_on
 #[tokio::test]
 async fn a_poison_message_reaches_the_dlq_with_its_history_and_redrive_brings_it_back_once() {
     let t0 = Instant::now();
-    let run = SqsRun::new("e2e-poison");
+    let (run, queue) = sqs_run("e2e-poison");
     let retry = [
         "--set",
         "retry.max_deliveries=3",
@@ -277,21 +185,22 @@ async fn a_poison_message_reaches_the_dlq_with_its_history_and_redrive_brings_it
         "send",
         r#"{"payment_id":"pay-poison","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#,
     ]);
-    assert!(run.dlq().is_empty());
+    assert!(dead_letters(&run).is_empty());
 
     // The gateway is down for good: every delivery fails (transient) until they run out.
     let mut args = vec!["--drain", "--set", "app.failure_rate=1.0"];
     args.extend_from_slice(&retry);
-    let mut w = run.spawn(&args, "worker-failing.log");
-    assert!(wait_exit(&mut w, TIMEOUT).await.success());
+    let mut w = run.worker(&args, "worker-failing.log");
+    let log = run.path("worker-failing.log");
+    assert!(wait_exit(&mut w, TIMEOUT, Some(&log)).await.success());
 
-    let dlq = run.dlq();
+    let dlq = dead_letters(&run);
     assert_eq!(dlq.len(), 1, "{dlq:?}");
     let dead = &dlq[0];
     assert_eq!(dead["error_class"], "transient", "{dead}");
     assert_eq!(dead["attempts"], 3, "{dead}");
     assert_eq!(dead["redriven"], 0, "{dead}");
-    assert_eq!(dead["original_queue"], run.queue.as_str(), "{dead}");
+    assert_eq!(dead["original_queue"], queue.as_str(), "{dead}");
     assert!(
         dead["last_error"].as_str().unwrap().contains("503"),
         "{dead}"
@@ -309,7 +218,7 @@ async fn a_poison_message_reaches_the_dlq_with_its_history_and_redrive_brings_it
         "the history spans the retries (RFC 3339, same format): {dead}"
     );
     // Listing peeks: it is still there, and the work queue is empty.
-    assert_eq!(run.dlq().len(), 1);
+    assert_eq!(dead_letters(&run).len(), 1);
     let s = run.stats();
     assert_empty(&s);
     assert_eq!(s["dead_lettered"], 1, "{s}");
@@ -318,7 +227,10 @@ async fn a_poison_message_reaches_the_dlq_with_its_history_and_redrive_brings_it
     // Redrive once: back in the work queue, gone from the DLQ; a second redrive moves nothing.
     let out = run.cli(&["redrive"]);
     assert!(out.contains("redrove 1 message"), "{out}");
-    assert!(run.dlq().is_empty(), "redriven messages leave the DLQ");
+    assert!(
+        dead_letters(&run).is_empty(),
+        "redriven messages leave the DLQ"
+    );
     let out = run.cli(&["redrive"]);
     assert!(out.contains("redrove 0 message"), "{out}");
     let s = run.stats();
@@ -328,14 +240,15 @@ async fn a_poison_message_reaches_the_dlq_with_its_history_and_redrive_brings_it
     // The gateway is back: charged exactly once.
     let mut args = vec!["--drain"];
     args.extend_from_slice(&retry);
-    let mut w = run.spawn(&args, "worker-healthy.log");
-    assert!(wait_exit(&mut w, TIMEOUT).await.success());
+    let mut w = run.worker(&args, "worker-healthy.log");
+    let log = run.path("worker-healthy.log");
+    assert!(wait_exit(&mut w, TIMEOUT, Some(&log)).await.success());
     let ledger = run.ledger();
     assert_eq!((ledger.charges, ledger.distinct_payments), (1, 1));
     let s = run.stats();
     assert_empty(&s);
     assert_eq!(s["dead_lettered"], 0, "{s}");
-    assert!(run.dlq().is_empty());
+    assert!(dead_letters(&run).is_empty());
     eprintln!("poison test: {:?}", t0.elapsed());
 }
 
@@ -343,16 +256,16 @@ async fn a_poison_message_reaches_the_dlq_with_its_history_and_redrive_brings_it
 async fn sigterm_finishes_in_flight_messages_and_leaves_the_rest_queued() {
     const PAYMENTS: u64 = 40;
     let t0 = Instant::now();
-    let run = SqsRun::new("e2e-term");
+    let (run, _) = sqs_run("e2e-term");
     // A long lease: a message left in flight by the shutdown would stay invisible for 60 s,
     // so `in_flight == 0` right after exit means everything was finished or released.
     run.cli(&["provision", "--set", "transport.lease=60s"]);
-    run.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
+    run.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
 
     // Phase 1: the grace covers the handlers: in-flight messages finish.
-    let summary = run.summary_path("summary-graceful.json");
+    let summary = run.path("summary-graceful.json");
     let summary_arg = summary.display().to_string();
-    let mut worker = run.spawn(
+    let mut worker = run.worker(
         &[
             "--summary",
             &summary_arg,
@@ -367,9 +280,9 @@ async fn sigterm_finishes_in_flight_messages_and_leaves_the_rest_queued() {
         ],
         "worker-graceful.log",
     );
-    run.charges_at_least(4, "the first charges").await;
+    run.charges_at_least(4, TIMEOUT, "the first charges").await;
     sigterm(&worker);
-    let status = wait_exit(&mut worker, TIMEOUT).await;
+    let status = wait_exit(&mut worker, TIMEOUT, None).await;
     assert!(status.success(), "graceful exit: {status:?}");
     let s = run.stats();
     let ledger = run.ledger();
@@ -388,10 +301,10 @@ async fn sigterm_finishes_in_flight_messages_and_leaves_the_rest_queued() {
 
     // Phase 2: handlers slower than the grace: they are cancelled and their messages released
     // (visibility 0), visible again at once despite the 60 s lease.
-    let summary = run.summary_path("summary-released.json");
+    let summary = run.path("summary-released.json");
     let summary_arg = summary.display().to_string();
     let before = ledger.charges;
-    let mut worker = run.spawn(
+    let mut worker = run.worker(
         &[
             "--summary",
             &summary_arg,
@@ -411,7 +324,7 @@ async fn sigterm_finishes_in_flight_messages_and_leaves_the_rest_queued() {
     })
     .await;
     sigterm(&worker);
-    let status = wait_exit(&mut worker, TIMEOUT).await;
+    let status = wait_exit(&mut worker, TIMEOUT, None).await;
     assert!(status.success(), "exit after the grace: {status:?}");
     let s = run.stats();
     assert_eq!(s["in_flight"], 0, "released, not left leased for 60 s: {s}");
@@ -425,11 +338,11 @@ async fn sigterm_finishes_in_flight_messages_and_leaves_the_rest_queued() {
     assert!(sum["released"].as_u64().unwrap() > 0, "{sum}");
 
     // A fresh worker drains the rest: every payment charged once.
-    let mut worker = run.spawn(
+    let mut worker = run.worker(
         &["--drain", "--set", "transport.lease=60s"],
         "worker-drain.log",
     );
-    assert!(wait_exit(&mut worker, TIMEOUT).await.success());
+    assert!(wait_exit(&mut worker, TIMEOUT, None).await.success());
     let ledger = run.ledger();
     assert_eq!(ledger.distinct_payments, PAYMENTS, "every payment charged");
     assert_eq!(ledger.charges, PAYMENTS, "no payment charged twice");

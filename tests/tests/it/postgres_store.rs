@@ -12,82 +12,24 @@ use sluice::{
         Claim, ClaimRequest, IdempotencyStore,
     },
 };
+use sluice_tests::postgres_url;
 
-fn url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
+use crate::support::{self, postgres_client};
 
 /// A new store (its own pool) on the shared server.
 async fn make() -> PostgresStore {
-    PostgresStore::open(&url(), suite::OUTPUT_LIMIT)
+    PostgresStore::open(&postgres_url(), suite::OUTPUT_LIMIT)
         .await
         .expect("open postgres store")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn claim_race_has_exactly_one_winner() {
-    suite::claim_race_has_exactly_one_winner(make).await;
-}
-
-#[tokio::test]
-async fn completed_record_replays_the_output() {
-    suite::completed_record_replays_the_output(make).await;
-}
-
-#[tokio::test]
-async fn live_lease_reports_in_progress() {
-    suite::live_lease_reports_in_progress(make).await;
-}
-
-#[tokio::test]
-async fn expired_lease_is_taken_over_and_the_old_token_is_stale() {
-    suite::expired_lease_is_taken_over_and_the_old_token_is_stale(make).await;
-}
-
-#[tokio::test]
-async fn fingerprint_mismatch_is_reported() {
-    suite::fingerprint_mismatch_is_reported(make).await;
-}
-
-#[tokio::test]
-async fn record_ttl_expires() {
-    suite::record_ttl_expires(make).await;
-}
-
-#[tokio::test]
-async fn release_lets_the_key_be_claimed_again() {
-    suite::release_lets_the_key_be_claimed_again(make).await;
-}
-
-#[tokio::test]
-async fn extend_keeps_the_lease() {
-    suite::extend_keeps_the_lease(make).await;
-}
-
-#[tokio::test]
-async fn oversized_output_is_refused() {
-    suite::oversized_output_is_refused(make).await;
-}
-
-#[tokio::test]
-async fn odd_keys_are_safe_and_distinct() {
-    suite::odd_keys_are_safe_and_distinct(make).await;
-}
-
-#[tokio::test]
-async fn claim_many_answers_like_single_claims() {
-    suite::claim_many_answers_like_single_claims(make).await;
-}
+support::store_conformance!(make);
 
 // ---- The exactly-once primitive ------------------------------------------------------------
 
 /// A plain connection of the test's own, outside any store, to set up and to look.
 async fn plain() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
-        .await
-        .expect("connect to postgres");
-    tokio::spawn(conn);
+    let client = postgres_client().await;
     // One table for every effects test (ids are unique); the lock serializes the creation
     // between test processes.
     client
@@ -345,7 +287,7 @@ async fn claim_complete_and_claim_many_take_one_round_trip_each() {
         net::{TcpListener, TcpStream},
     };
 
-    let config: tokio_postgres::Config = url().parse().unwrap();
+    let config: tokio_postgres::Config = postgres_url().parse().unwrap();
     let tokio_postgres::config::Host::Tcp(host) = &config.get_hosts()[0] else {
         return; // a Unix socket URL: nothing to proxy
     };

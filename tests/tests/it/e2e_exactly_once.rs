@@ -6,24 +6,17 @@
 
 use std::{process::ExitStatus, time::Duration};
 
-use sluice::store::postgres::tokio_postgres;
-use sluice_tests::{function_binary, Sandbox};
+use sluice_tests::{function_binary, postgres_url, Sandbox};
+
+use crate::support::{postgres_client, wait_exit};
 
 const PAYMENTS: usize = 120;
 /// Most worker processes the test starts before giving up (each crash ends one).
 const MAX_STARTS: usize = 150;
 
-fn postgres_url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
-}
-
 async fn ledger(prefix: &str) -> (i64, i64) {
-    let (client, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+    let row = postgres_client()
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    let row = client
         .query_one(
             "SELECT COUNT(*), COUNT(DISTINCT payment_id) FROM charge_ledger WHERE payment_id LIKE $1",
             &[&format!("{prefix}%")],
@@ -85,21 +78,13 @@ async fn killed_between_effect_and_ack_again_and_again_the_ledger_has_each_payme
     let mut crashes = 0;
     let mut finished: Option<ExitStatus> = None;
     for _ in 0..MAX_STARTS {
-        let status = tokio::time::timeout(Duration::from_secs(120), async {
-            let mut child = sandbox
-                .command(&bin, &run, "worker.log")
-                .unwrap()
-                .spawn()
-                .unwrap();
-            loop {
-                if let Some(s) = child.try_wait().unwrap() {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("a worker run hung");
+        let mut child = sandbox
+            .command(&bin, &run, "worker.log")
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let log = sandbox.dir.join("worker.log");
+        let status = wait_exit(&mut child, Duration::from_secs(120), Some(&log)).await;
         if status.success() {
             finished = Some(status);
             break;

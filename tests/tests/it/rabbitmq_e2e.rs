@@ -8,140 +8,56 @@
 //! failure) and names its own queue with `--set queue=...`; its SQLite idempotency store and
 //! ledger live in a temporary directory.
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus},
-    time::{Duration, Instant},
-};
+use std::{ops::Deref, process::Child, time::Duration};
 
 use sluice::conformance::{poll_until, unique};
-use sluice_tests::{
-    function_binary, ledger_counts,
-    rabbit::{rabbitmqctl, Vhost},
-    LedgerCounts, Sandbox,
-};
+use sluice_tests::rabbit::{rabbitmqctl, Vhost};
+
+use crate::support::{pending, sigterm, wait_exit, FunctionRun, CHARGE_TEMPLATE};
 
 /// Longest a worker may take to finish what is left (well above what it needs: a few seconds).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest wait for the broker to show what a worker did (requeues after a process exits).
 const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 
-const BODY: &str =
-    r#"{"payment_id":"pay-{{seq}}","amount_cents":1000,"currency":"EUR","customer":"c-1"}"#;
-
-/// One test's charge-payment on RabbitMQ: its virtual host, its queue, its files.
+/// One test's charge-payment on RabbitMQ: its virtual host, its queue, its files; every
+/// command gets `--set queue=<queue>` and the rig's `sets` (they must agree on
+/// `retry.max_deliveries`: it is fixed in the queue's arguments).
 struct Rig {
+    run: FunctionRun,
     vhost: Vhost,
     queue: String,
-    sandbox: Sandbox,
-    bin: PathBuf,
-    /// `--set` overrides every command of this rig gets (they must agree on
-    /// `retry.max_deliveries`: it is fixed in the queue's arguments).
-    sets: Vec<String>,
-    _dir: tempfile::TempDir,
 }
 
 impl Rig {
+    /// The rig, its topology provisioned.
     fn new(name: &str, sets: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let vhost = Vhost::create(name).expect("a test virtual host (is RabbitMQ up?)");
         let queue = unique(name);
-        let mut all = vec![format!("queue={queue}")];
-        all.extend(sets.iter().map(|s| s.to_string()));
-        let rig = Self {
-            vhost,
-            queue,
-            sandbox: Sandbox::new(dir.path()).unwrap(),
-            bin: function_binary("charge-payment").unwrap(),
-            sets: all,
-            _dir: dir,
-        };
-        rig.cli(&["provision"]);
-        rig
-    }
-
-    /// A charge-payment command on this rig's broker, queue and files.
-    fn command(&self, args: &[&str], log: &str) -> Command {
-        let mut full: Vec<&str> = Vec::new();
-        for s in &self.sets {
-            full.extend(["--set", s.as_str()]);
+        let mut run = FunctionRun::new("charge-payment")
+            .env("SLUICE__TRANSPORT__KIND", "rabbitmq")
+            .env("SLUICE__TRANSPORT__URL", &vhost.url)
+            .set(format!("queue={queue}"));
+        for s in sets {
+            run = run.set(*s);
         }
-        full.extend_from_slice(args);
-        let mut cmd = self.sandbox.command(&self.bin, &full, log).unwrap();
-        cmd.env("SLUICE__TRANSPORT__KIND", "rabbitmq")
-            .env("SLUICE__TRANSPORT__URL", &self.vhost.url);
-        cmd
+        run.cli(&["provision"]);
+        Self { run, vhost, queue }
     }
 
-    fn cli(&self, args: &[&str]) -> String {
-        let out = self.command(args, "cli.log").output().unwrap();
-        assert!(
-            out.status.success(),
-            "charge-payment {args:?} failed ({:?}); see {}",
-            out.status,
-            self.sandbox.dir.join("cli.log").display()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        serde_json::from_str(&self.cli(args)).unwrap()
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        self.json(&["stats", "--json"])
-    }
-
-    /// `run` with extra arguments, in the background.
-    fn worker(&self, extra: &[&str], log: &str) -> Child {
-        let mut args = vec!["run"];
-        args.extend_from_slice(extra);
-        self.command(&args, log).spawn().unwrap()
-    }
-
-    fn ledger(&self) -> LedgerCounts {
-        ledger_counts(&self.sandbox.ledger_db()).unwrap()
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.sandbox.dir.join(name)).unwrap_or_default()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.sandbox.dir.join(name)
+    /// Waits for a worker of this rig to exit; after [`DRAIN_TIMEOUT`] kills it and fails the
+    /// test, naming its log.
+    async fn wait(&self, worker: &mut Child, log: &str) -> std::process::ExitStatus {
+        wait_exit(worker, DRAIN_TIMEOUT, Some(&self.path(log))).await
     }
 }
 
-fn ready_in_flight_delayed(s: &serde_json::Value) -> u64 {
-    ["ready", "in_flight", "delayed"]
-        .iter()
-        .map(|k| s[k].as_u64().unwrap())
-        .sum()
-}
+impl Deref for Rig {
+    type Target = FunctionRun;
 
-async fn wait_exit(child: &mut Child, timeout: Duration, log: &Path) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "worker did not exit within {timeout:?}; see {}",
-                log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    fn deref(&self) -> &FunctionRun {
+        &self.run
     }
-}
-
-fn sigterm(child: &Child) {
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
 }
 
 /// SIGKILL twice while messages are being charged (slow gateway, 5% outages, so deliveries are
@@ -163,9 +79,9 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_charges_each_payment_o
             "transport.lease=1s",
         ],
     );
-    rig.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
+    rig.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
     // A hundred duplicates of the first hundred payments.
-    rig.cli(&["send", "--count", "100", BODY]);
+    rig.cli(&["send", "--count", "100", CHARGE_TEMPLATE]);
 
     for kill_at in [80, 200] {
         let mut worker = rig.worker(&[], "worker.log");
@@ -181,7 +97,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_charges_each_payment_o
             "the killed worker's deliveries to return",
             || {
                 let s = rig.stats();
-                async move { (ready_in_flight_delayed(&s) > 0).then_some(s) }
+                async move { (pending(&s) > 0).then_some(s) }
             },
         )
         .await;
@@ -193,15 +109,11 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_charges_each_payment_o
 
     let mut a = rig.worker(&["--drain"], "worker-a.log");
     let mut b = rig.worker(&["--drain"], "worker-b.log");
-    assert!(wait_exit(&mut a, DRAIN_TIMEOUT, &rig.path("worker-a.log"))
-        .await
-        .success());
-    assert!(wait_exit(&mut b, DRAIN_TIMEOUT, &rig.path("worker-b.log"))
-        .await
-        .success());
+    assert!(rig.wait(&mut a, "worker-a.log").await.success());
+    assert!(rig.wait(&mut b, "worker-b.log").await.success());
 
     let s = rig.stats();
-    assert_eq!(ready_in_flight_delayed(&s), 0, "{s}");
+    assert_eq!(pending(&s), 0, "{s}");
     assert_eq!(
         s["dead_lettered"],
         0,
@@ -225,7 +137,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing_and_charges_each_payment_o
 async fn closed_connections_make_the_worker_reconnect_and_finish() {
     const PAYMENTS: u64 = 300;
     let rig = Rig::new("e2e-reconnect", &["app.latency=10ms"]);
-    rig.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
+    rig.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
     let mut worker = rig.worker(&["--drain"], "worker.log");
     poll_until(DRAIN_TIMEOUT, "the first charges", || async {
         (rig.ledger().charges >= 50).then_some(())
@@ -234,7 +146,7 @@ async fn closed_connections_make_the_worker_reconnect_and_finish() {
     rig.vhost
         .close_all_connections("test: simulated broker-side connection loss")
         .unwrap();
-    let status = wait_exit(&mut worker, DRAIN_TIMEOUT, &rig.path("worker.log")).await;
+    let status = rig.wait(&mut worker, "worker.log").await;
     assert!(status.success(), "the worker finished: {status:?}");
 
     let log = rig.log("worker.log");
@@ -244,7 +156,7 @@ async fn closed_connections_make_the_worker_reconnect_and_finish() {
     );
     let ledger = rig.ledger();
     let s = rig.stats();
-    assert_eq!(ready_in_flight_delayed(&s), 0, "{s}");
+    assert_eq!(pending(&s), 0, "{s}");
     assert_eq!(s["dead_lettered"], 0, "{s}");
     assert_eq!(ledger.distinct_payments, PAYMENTS, "every payment charged");
     assert_eq!(ledger.charges, PAYMENTS, "no payment charged twice");
@@ -256,14 +168,14 @@ async fn closed_connections_make_the_worker_reconnect_and_finish() {
 async fn sigterm_finishes_in_flight_messages_and_leaves_the_rest_queued() {
     const PAYMENTS: u64 = 200;
     let rig = Rig::new("e2e-term", &["app.latency=300ms", "worker.concurrency=4"]);
-    rig.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
+    rig.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
     let mut worker = rig.worker(&[], "worker.log");
     poll_until(DRAIN_TIMEOUT, "the first charges", || async {
         (rig.ledger().charges >= 4).then_some(())
     })
     .await;
     sigterm(&worker);
-    let status = wait_exit(&mut worker, DRAIN_TIMEOUT, &rig.path("worker.log")).await;
+    let status = rig.wait(&mut worker, "worker.log").await;
     assert!(status.success(), "graceful exit: {status:?}");
 
     let ledger = rig.ledger();
@@ -304,8 +216,8 @@ async fn three_workers_at_once_charge_each_payment_exactly_once() {
             "retry.base=100ms",
         ],
     );
-    rig.cli(&["send", "--count", &PAYMENTS.to_string(), BODY]);
-    rig.cli(&["send", "--count", "150", BODY]);
+    rig.cli(&["send", "--count", &PAYMENTS.to_string(), CHARGE_TEMPLATE]);
+    rig.cli(&["send", "--count", "150", CHARGE_TEMPLATE]);
     let mut workers: Vec<(Child, String)> = ["a", "b", "c"]
         .iter()
         .map(|n| {
@@ -314,11 +226,11 @@ async fn three_workers_at_once_charge_each_payment_exactly_once() {
         })
         .collect();
     for (w, log) in &mut workers {
-        let status = wait_exit(w, DRAIN_TIMEOUT, &rig.path(log)).await;
+        let status = rig.wait(w, log).await;
         assert!(status.success(), "{log}: {status:?}");
     }
     let s = rig.stats();
-    assert_eq!(ready_in_flight_delayed(&s), 0, "{s}");
+    assert_eq!(pending(&s), 0, "{s}");
     assert_eq!(s["dead_lettered"], 0, "{s}");
     let ledger = rig.ledger();
     assert_eq!(ledger.distinct_payments, PAYMENTS);
@@ -351,7 +263,7 @@ async fn poison_message_reaches_the_dlq_with_history_and_redrive_brings_it_back_
         .to_owned();
 
     let mut worker = rig.worker(&["--drain", "--set", "app.failure_rate=1.0"], "worker.log");
-    let status = wait_exit(&mut worker, DRAIN_TIMEOUT, &rig.path("worker.log")).await;
+    let status = rig.wait(&mut worker, "worker.log").await;
     assert!(status.success(), "{status:?}");
     assert_eq!(rig.ledger().charges, 0);
 
@@ -397,12 +309,12 @@ async fn poison_message_reaches_the_dlq_with_history_and_redrive_brings_it_back_
     );
 
     let mut worker = rig.worker(&["--drain"], "worker-2.log");
-    let status = wait_exit(&mut worker, DRAIN_TIMEOUT, &rig.path("worker-2.log")).await;
+    let status = rig.wait(&mut worker, "worker-2.log").await;
     assert!(status.success(), "{status:?}");
     let ledger = rig.ledger();
     assert_eq!((ledger.charges, ledger.distinct_payments), (1, 1));
     let s = rig.stats();
-    assert_eq!(ready_in_flight_delayed(&s), 0, "{s}");
+    assert_eq!(pending(&s), 0, "{s}");
     assert_eq!(s["dead_lettered"], 0, "{s}");
 }
 
@@ -437,7 +349,7 @@ async fn the_prefetch_setting_reaches_the_brokers_consumer() {
         })
         .await;
         sigterm(&worker);
-        wait_exit(&mut worker, DRAIN_TIMEOUT, &rig.path(&log)).await;
+        rig.wait(&mut worker, &log).await;
         assert_eq!(seen, expected, "{sets:?}");
     }
 }
