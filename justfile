@@ -33,7 +33,7 @@ test: lint
     cargo build --workspace --bins
     # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs: built for
     # an explicit target so it lands beside the host binaries, not over them.
-    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda --target x86_64-unknown-linux-gnu
+    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda,faults --target x86_64-unknown-linux-gnu
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
     cargo test --doc --workspace --quiet
     scripts/infra-check.sh

@@ -170,6 +170,17 @@ impl Delivery {
         self.envelope.first_failure_at()
     }
 
+    /// The same delivery with another SQS receipt handle: for tests of handles SQS never
+    /// issued (feature `conformance`).
+    #[cfg(all(feature = "conformance", feature = "sqs"))]
+    #[doc(hidden)]
+    pub fn with_sqs_handle(mut self, handle: &str) -> Self {
+        if let ReceiptKind::Sqs(r) = &mut self.receipt.0 {
+            r.handle = handle.to_owned();
+        }
+        self
+    }
+
     /// A delivery of `body` with no transport behind it (`invoke`, unit tests).
     pub fn detached(id: impl Into<String>, body: Vec<u8>, headers: Headers) -> Self {
         Self {

@@ -204,7 +204,8 @@ impl Settings {
         if let Some(key) = self.fault_unbuilt.keys().next() {
             return bad(
                 &format!("fault.{key}"),
-                "fault injection is not built into this binary (it needs the cargo feature                  `faults` of sluice, which production builds leave out)",
+                "fault injection is not built into this binary (it needs the cargo feature \
+                 `faults` of sluice, which production builds leave out)",
             );
         }
         if self.rate_limit.per_second < 0.0 || !self.rate_limit.per_second.is_finite() {

@@ -150,6 +150,7 @@ async fn demo(args: &Args) -> anyhow::Result<bool> {
         lease: Duration::from_secs(30),
         max_deliveries: 10,
         poll_interval: Duration::from_millis(50),
+        declare: true,
     })
     .await?;
     say(&format!(

@@ -244,13 +244,20 @@ fn exit_codes_follow_the_documented_table() {
     assert_eq!(run(&sb, &bin, &["frobnicate"]).status.code(), Some(2));
 }
 
+/// `[app]` is the state initializer's: `run` and `invoke` validate it at start, naming the key
+/// (the queue commands do not run the initializer, so they do not read it).
 #[test]
 fn the_function_section_is_validated_at_start_naming_the_key() {
     let (_dir, sb, bin) = setup();
-    let out = run(&sb, &bin, &["stats", "--set", "app.failure_rte=0.5"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("app.failure_rte"), "{err}");
+    for args in [
+        &["run", "--drain", "--set", "app.failure_rte=0.5"][..],
+        &["invoke", "--set", "app.failure_rte=0.5", "{}"][..],
+    ] {
+        let out = run(&sb, &bin, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("app.failure_rte"), "{err}");
+    }
 }
 
 #[test]
@@ -289,4 +296,57 @@ fn redrive_rate_paces_the_moves() {
     );
     let out = run(&sb, &bin, &["redrive", "--rate", "0"]);
     assert_eq!(out.status.code(), Some(2), "a rate of 0 is refused");
+}
+
+/// The queue commands open the transport alone: with an idempotency store that cannot be
+/// reached and a state initializer that would fail (charge-payment's PostgreSQL ledger on a
+/// closed port), `send`, `stats`, `dlq list`, `dlq show` and `redrive` work on the embedded
+/// queue; `run` and `invoke`, which need them, fail at start naming what is wrong.
+#[test]
+fn queue_commands_touch_neither_the_store_nor_the_state_initializer() {
+    let (_dir, sb, bin) = setup();
+    // Nothing listens on port 9: a connection to it is refused at once.
+    let unreachable = [
+        "--set",
+        "store.kind=postgres",
+        "--set",
+        "store.url=postgres://nobody@127.0.0.1:9/none",
+        "--set",
+        "app.ledger=postgres",
+    ];
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(unreachable.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let id = ok(&sb, &bin, &strs(&with(&["send", "not json"])));
+    let stats = json(&sb, &bin, &strs(&with(&["stats", "--json"])));
+    assert_eq!(stats["ready"], 1);
+    assert_eq!(
+        json(&sb, &bin, &strs(&with(&["dlq", "list", "--json"]))),
+        serde_json::json!([])
+    );
+    let out = run(&sb, &bin, &strs(&with(&["dlq", "show", id.trim()])));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "not found, not a store error: {out:?}"
+    );
+    let moved = json(&sb, &bin, &strs(&with(&["redrive", "--dry-run", "--json"])));
+    assert_eq!(moved, serde_json::json!([]));
+    for args in [with(&["run", "--drain"]), with(&["invoke", BODY])] {
+        let out = run(&sb, &bin, &strs(&args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("start-up") || stderr.contains("postgres"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // The message is still there, untouched.
+    assert_eq!(json(&sb, &bin, &["stats", "--json"])["ready"], 1);
 }

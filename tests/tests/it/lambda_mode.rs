@@ -76,6 +76,8 @@ impl Queue {
             lease: Duration::from_secs(30),
             max_deliveries: 5,
             poll_interval: Duration::from_millis(100),
+            // The test's own queue: created on first use.
+            declare: true,
         })
         .await
         .expect("provision the queue on moto");
@@ -91,7 +93,7 @@ impl Queue {
         let mut req = self
             .client
             .send_message()
-            .queue_url(self.sqs.queue_url())
+            .queue_url(self.sqs.queue_url().await.unwrap())
             .message_body(body);
         if self.fifo() {
             req = req
@@ -118,7 +120,7 @@ impl Queue {
             let out = self
                 .client
                 .receive_message()
-                .queue_url(self.sqs.queue_url())
+                .queue_url(self.sqs.queue_url().await.unwrap())
                 .max_number_of_messages((n - got.len()).min(10) as i32)
                 .visibility_timeout(visibility)
                 .wait_time_seconds(left as i32)
@@ -140,7 +142,7 @@ impl Queue {
         let attrs = self
             .client
             .get_queue_attributes()
-            .queue_url(self.sqs.queue_url())
+            .queue_url(self.sqs.queue_url().await.unwrap())
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
             .send()
             .await
@@ -354,7 +356,7 @@ async fn a_panic_fails_its_record_only() {
         );
         q.client
             .delete_message()
-            .queue_url(q.sqs.queue_url())
+            .queue_url(q.sqs.queue_url().await.unwrap())
             .receipt_handle(first[0].receipt_handle().unwrap())
             .send()
             .await

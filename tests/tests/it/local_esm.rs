@@ -24,6 +24,8 @@ async fn queue(name: &str, max_receive: u32) -> SqsTransport {
         lease: Duration::from_secs(1),
         max_deliveries: max_receive,
         poll_interval: Duration::from_millis(100),
+        // The test's own queue: created on first use.
+        declare: true,
     })
     .await
     .expect("provision on moto")

@@ -23,11 +23,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 use sluice::{
     conformance::{poll_until, unique},
-    message::{DeadLetter, QueueStats},
+    message::QueueStats,
     telemetry::RunSummary,
     worker::{RunOptions, Runtime},
-    Context, ErrorKind, FailureClass, Function, Handler, HandlerError, OutgoingMessage, Settings,
-    Transport,
+    Context, DeadLetter, ErrorKind, FailureClass, Function, Handler, HandlerError, OutgoingMessage,
+    Settings, Transport,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -334,25 +334,19 @@ fn function(probe: &Probe) -> Function<Job, Probe, impl for<'a> Handler<'a, Job,
     Function::new("pipeline-test", handler).state(move |_settings| async move { Ok(probe) })
 }
 
-async fn build<H>(f: Function<Job, Probe, H>, settings: Settings) -> Arc<Runtime<Job, Probe, H>>
+async fn build<H>(f: Function<Job, Probe, H>, settings: Settings) -> Arc<Runtime>
 where
     H: for<'a> Handler<'a, Job, Probe>,
 {
     Arc::new(f.build(settings).await.expect("runtime builds"))
 }
 
-async fn publish<H>(rt: &Runtime<Job, Probe, H>, msgs: Vec<OutgoingMessage>) -> Vec<String>
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+async fn publish(rt: &Runtime, msgs: Vec<OutgoingMessage>) -> Vec<String> {
     rt.transport().publish(msgs).await.expect("publish")
 }
 
 /// Runs with `--drain` until the queue is empty; fails the test after [`RUN_LIMIT`].
-async fn drain<H>(rt: &Arc<Runtime<Job, Probe, H>>) -> RunSummary
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+async fn drain(rt: &Arc<Runtime>) -> RunSummary {
     tokio::time::timeout(
         RUN_LIMIT,
         rt.run(RunOptions { drain: true }, CancellationToken::new()),
@@ -363,14 +357,11 @@ where
 }
 
 /// Starts `run` in the background.
-fn spawn_run<H>(
-    rt: &Arc<Runtime<Job, Probe, H>>,
+fn spawn_run(
+    rt: &Arc<Runtime>,
     drain: bool,
     shutdown: CancellationToken,
-) -> JoinHandle<sluice::Result<RunSummary>>
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+) -> JoinHandle<sluice::Result<RunSummary>> {
     let rt = rt.clone();
     tokio::spawn(async move { rt.run(RunOptions { drain }, shutdown).await })
 }
@@ -384,17 +375,11 @@ async fn finish(run: JoinHandle<sluice::Result<RunSummary>>) -> RunSummary {
         .expect("the run succeeded")
 }
 
-async fn stats<H>(rt: &Runtime<Job, Probe, H>) -> QueueStats
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+async fn stats(rt: &Runtime) -> QueueStats {
     rt.transport().stats().await.expect("stats")
 }
 
-async fn dead_letter<H>(rt: &Runtime<Job, Probe, H>, id: &str) -> DeadLetter
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+async fn dead_letter(rt: &Runtime, id: &str) -> DeadLetter {
     rt.transport()
         .dlq_get(id)
         .await
@@ -402,19 +387,13 @@ where
         .unwrap_or_else(|| panic!("message {id} is on the dead-letter queue"))
 }
 
-async fn assert_dlq_empty<H>(rt: &Runtime<Job, Probe, H>)
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+async fn assert_dlq_empty(rt: &Runtime) {
     let dlq = rt.transport().dlq_list(100).await.expect("dlq_list");
     assert!(dlq.is_empty(), "nothing dead-lettered, got {dlq:#?}");
 }
 
 /// Deliveries the runtime has taken from the queue so far (its intake).
-fn received<H>(rt: &Runtime<Job, Probe, H>) -> u64
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+fn received(rt: &Runtime) -> u64 {
     rt.metrics.received.load(Ordering::Relaxed)
 }
 
@@ -975,13 +954,10 @@ const BREAKER_OPEN_FOR: Duration = Duration::from_secs(1);
 /// Publishes two jobs that fail on their first delivery (they open the breaker) and three
 /// that succeed, starts a one-slot run, and returns when the breaker has just opened, with the
 /// instant the second failure returned (the breaker opens right after that).
-async fn open_the_breaker<H>(
-    rt: &Arc<Runtime<Job, Probe, H>>,
+async fn open_the_breaker(
+    rt: &Arc<Runtime>,
     probe: &Probe,
-) -> (JoinHandle<sluice::Result<RunSummary>>, Instant)
-where
-    H: for<'a> Handler<'a, Job, Probe>,
-{
+) -> (JoinHandle<sluice::Result<RunSummary>>, Instant) {
     publish(
         rt,
         vec![

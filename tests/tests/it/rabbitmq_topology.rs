@@ -30,7 +30,7 @@ use sluice_tests::{
     Sandbox,
 };
 
-use crate::support::{poll_blocking, FunctionRun};
+use crate::support::{poll_blocking, sigterm, wait_exit, FunctionRun, KillOnDrop};
 
 /// The example functions the file describes.
 const FUNCTIONS: [&str; 2] = ["charge-payment", "deliver-webhook"];
@@ -100,6 +100,7 @@ fn options(queue: &str, url: &str) -> TransportOptions {
         lease: Duration::from_secs(30),
         max_deliveries: 10,
         poll_interval: Duration::from_millis(50),
+        declare: true,
     }
 }
 
@@ -314,44 +315,55 @@ async fn imported_definitions_serve_a_worker_that_declares_nothing() {
     );
 }
 
-/// `transport.declare` reaches a function binary: with `--set transport.declare=false` a
-/// command on an empty virtual host creates nothing and says to run `provision`; without it
-/// the same command declares the whole topology.
+/// `transport.declare` is `run`'s: with it on, `run` declares the whole topology at start;
+/// with it off, `run` only checks it and waits, saying what is missing. The queue commands
+/// declare nothing whatever the setting: on an empty virtual host `stats` fails naming
+/// `provision`.
 #[tokio::test]
-async fn the_declare_setting_reaches_the_binary() {
+async fn the_declare_setting_reaches_run_and_the_queue_commands_never_declare() {
     let vhost = Vhost::create("defs-declare").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::new(dir.path()).unwrap();
-    let bin = function_binary("charge-payment").unwrap();
-    let stats = |sets: &[&str]| {
-        Command::new(&bin)
-            .args(sets)
-            .arg("stats")
-            .current_dir(dir.path())
-            .env("SLUICE__TRANSPORT__KIND", "rabbitmq")
-            .env("SLUICE__TRANSPORT__URL", &vhost.url)
-            .env("SLUICE__STORE__URL", sandbox.store_db())
-            .output()
-            .unwrap()
-    };
-    let off = stats(&["--set", "transport.declare=false"]);
-    let stderr = String::from_utf8_lossy(&off.stderr);
-    assert!(!off.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("charge-payment") && stderr.contains("provision"),
-        "{stderr}"
-    );
+    let run = FunctionRun::new("charge-payment")
+        .env("SLUICE__TRANSPORT__KIND", "rabbitmq")
+        .env("SLUICE__TRANSPORT__URL", &vhost.url)
+        .set("transport.wait=100ms");
+    for sets in [&[][..], &["--set", "transport.declare=false"][..]] {
+        let mut args = sets.to_vec();
+        args.push("stats");
+        let out = run.command(&args, "stats.log").output().unwrap();
+        let log = run.log("stats.log");
+        assert!(!out.status.success(), "{sets:?}: {log}");
+        assert!(
+            log.contains("charge-payment") && log.contains("provision"),
+            "{log}"
+        );
+    }
     assert_eq!(
         queue_names(&vhost.name),
         BTreeSet::new(),
-        "nothing declared"
+        "the queue commands declared nothing"
     );
-    let on = stats(&[]);
-    assert!(
-        on.status.success(),
-        "{}",
-        String::from_utf8_lossy(&on.stderr)
+
+    let mut off = KillOnDrop(run.worker(&["--set", "transport.declare=false"], "off.log"));
+    poll_blocking(
+        BROKER_TIMEOUT,
+        "the worker saying the topology is missing",
+        || {
+            run.log("off.log")
+                .contains("topology is incomplete")
+                .then_some(())
+        },
     );
+    sigterm(&off.0);
+    wait_exit(&mut off.0, BROKER_TIMEOUT, Some(&run.path("off.log"))).await;
+    assert_eq!(
+        queue_names(&vhost.name),
+        BTreeSet::new(),
+        "run with declaring off declared nothing"
+    );
+
+    let mut on = KillOnDrop(run.worker(&["--drain"], "on.log"));
+    let status = wait_exit(&mut on.0, BROKER_TIMEOUT, Some(&run.path("on.log"))).await;
+    assert!(status.success(), "{}", run.log("on.log"));
     assert_eq!(queue_names(&vhost.name).len(), 14, "declared at start");
 }
 
@@ -414,11 +426,11 @@ async fn a_policy_lowers_the_delivery_limit_of_declared_queues() {
 #[tokio::test]
 async fn with_declaring_off_a_missing_topology_is_named() {
     let queue = unique("defs-missing");
-    let config = RabbitConfig {
+    let opts = TransportOptions {
         declare: false,
-        ..RabbitConfig::default()
+        ..options(&queue, &rabbit::url())
     };
-    let t = RabbitTransport::open_with(options(&queue, &rabbit::url()), config)
+    let t = RabbitTransport::open_with(opts, RabbitConfig::default())
         .await
         .expect("opens without the topology");
     let err = t

@@ -16,7 +16,7 @@ use sluice::{
     config::LimitSettings,
     conformance::{poll_until, transport as suite},
     error::Error,
-    message::{check_envelope, Delivery, Failure, FailureClass, OutgoingMessage, RedriveFilter},
+    message::{check_input, Delivery, Failure, FailureClass, OutgoingMessage, RedriveFilter},
     transport::{
         rabbitmq::{RabbitConfig, RabbitTransport, DELAY_LADDER_MS},
         Transport, TransportOptions,
@@ -111,8 +111,8 @@ async fn forged_sluice_headers_reach_the_pipeline_and_change_nothing() {
         "forged headers reach the pipeline"
     );
     assert_eq!(d.attempt, 1, "a forged sluice-retries is not counted");
-    assert_eq!(d.first_failure_at, None);
-    let (label, reason) = check_envelope(&d.body, &d.headers, &LimitSettings::default())
+    assert_eq!(d.first_failure_at(), None);
+    let (label, reason) = check_input(&d.body, &d.headers, &LimitSettings::default())
         .expect_err("the pipeline rejects forged headers");
     assert_eq!(label, "forged header");
 
@@ -129,7 +129,7 @@ async fn forged_sluice_headers_reach_the_pipeline_and_change_nothing() {
     assert_eq!(again.attempt, 2);
     // The real first failure, not the forged 2020-01-01.
     let september_2020 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    assert!(again.first_failure_at.unwrap() > september_2020);
+    assert!(again.first_failure_at().unwrap() > september_2020);
 
     // Dead-lettered as the pipeline does: the producer's headers are kept as they were.
     t.dead_letter(&again, &Failure::now(FailureClass::Permanent, reason))
@@ -402,4 +402,63 @@ async fn a_malformed_url_fails_at_once_without_the_password() {
         assert!(text.contains("transport.url"), "{text}");
         assert!(!text.contains("hunter2-secret"), "{text}");
     }
+}
+
+/// Publishes with lapin itself, as a producer with the broker's own client would: as one of our
+/// copies (the default exchange, straight to the work queue, the fields as headers) or as a
+/// producer's message (the `<q>` exchange).
+async fn forge(_: &RabbitTransport, queue: &str, m: suite::Forged) {
+    use sluice::transport::rabbitmq::lapin::{
+        options::{BasicPublishOptions, ConfirmSelectOptions},
+        types::{AMQPValue, FieldTable, LongString},
+        BasicProperties, Connection, ConnectionProperties,
+    };
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    for (k, v) in m.fields {
+        headers.insert(
+            k.as_str().into(),
+            AMQPValue::LongString(LongString::from(v.into_bytes())),
+        );
+    }
+    let exchange = if m.as_copy { "" } else { queue };
+    ch.basic_publish(
+        exchange.into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        &m.body,
+        BasicProperties::default()
+            .with_message_id(uuid::Uuid::new_v4().to_string().into())
+            .with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    conn.close(200, "forged".into()).await.ok();
+}
+
+#[tokio::test]
+async fn forged_envelope_fields_are_defects_and_never_wrap_the_attempt() {
+    let made = Made::default();
+    suite::forged_envelope_fields_are_defects_and_never_wrap_the_attempt(
+        |o| make(o, made.clone()),
+        forge,
+    )
+    .await;
+    made.cleanup().await;
+}
+
+#[tokio::test]
+async fn sluice_headers_from_a_producer_stay_producer_headers() {
+    let made = Made::default();
+    suite::sluice_headers_from_a_producer_stay_producer_headers(|o| make(o, made.clone()), forge)
+        .await;
+    made.cleanup().await;
 }

@@ -121,7 +121,10 @@ async fn a_missing_bucket_is_a_store_error() {
     .await
     .unwrap();
     match s.claim("k", "fp", suite::LONG).await {
-        Err(Error::Store(msg)) => assert!(msg.contains("NoSuchBucket"), "{msg}"),
+        Err(e @ Error::Store { .. }) => {
+            let msg = e.report().to_string();
+            assert!(msg.contains("NoSuchBucket"), "{msg}")
+        }
         other => panic!("expected a store error, got {other:?}"),
     }
 }

@@ -59,6 +59,50 @@ support::transport_conformance!(
     }
 );
 
+/// Sends with the SDK itself, as a producer with `sqs:SendMessage` could: the fields in a
+/// `sluice-meta` JSON object (as one of our copies) or as plain `String` attributes.
+async fn forge(t: &SqsTransport, _queue: &str, m: suite::Forged) {
+    use sluice::transport::sqs::aws_sdk_sqs::types::MessageAttributeValue;
+    let text = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    let mut req = sqs_client()
+        .await
+        .send_message()
+        .queue_url(t.queue_url().await.unwrap())
+        .message_body(String::from_utf8(m.body).unwrap());
+    if m.as_copy {
+        let meta: serde_json::Map<String, serde_json::Value> = m
+            .fields
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        req = req.message_attributes(
+            sluice::transport::sqs::META_ATTRIBUTE,
+            text(&serde_json::Value::Object(meta).to_string()),
+        );
+    } else {
+        for (k, v) in m.fields {
+            req = req.message_attributes(k, text(&v));
+        }
+    }
+    req.send().await.expect("raw send");
+}
+
+#[tokio::test]
+async fn forged_envelope_fields_are_defects_and_never_wrap_the_attempt() {
+    suite::forged_envelope_fields_are_defects_and_never_wrap_the_attempt(make, forge).await;
+}
+
+#[tokio::test]
+async fn sluice_headers_from_a_producer_stay_producer_headers() {
+    suite::sluice_headers_from_a_producer_stay_producer_headers(make, forge).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // SQS only
 
@@ -285,7 +329,7 @@ async fn open_provisions_a_missing_queue_with_its_dlq_and_redrive_policy() {
     let client = sqs_client().await;
     let attrs = client
         .get_queue_attributes()
-        .queue_url(t.queue_url())
+        .queue_url(t.queue_url().await.unwrap())
         .attribute_names(QueueAttributeName::All)
         .send()
         .await
@@ -304,7 +348,7 @@ async fn open_provisions_a_missing_queue_with_its_dlq_and_redrive_policy() {
         "2",
         "a 1.5 s lease rounds up to 2 s"
     );
-    assert!(t.dlq_url().ends_with("-dlq"));
+    assert!(t.dlq_url().await.unwrap().ends_with("-dlq"));
 }
 
 #[tokio::test]
@@ -338,12 +382,8 @@ async fn settling_twice_or_with_a_handle_sqs_does_not_know_is_lease_lost() {
         matches!(t.ack(&got[0]).await, Err(Error::LeaseLost(_))),
         "a second ack is refused (moto itself accepts a deleted handle again)"
     );
-    // A receipt handle SQS never issued: SQS answers ReceiptHandleIsInvalid. The receipt is the
-    // adapter's JSON; only the SQS handle in it ("h") is replaced.
-    let mut forged = got[1].clone();
-    let mut receipt: serde_json::Value = serde_json::from_str(&forged.receipt).unwrap();
-    receipt["h"] = "not-a-receipt-handle".into();
-    forged.receipt = receipt.to_string();
+    // A receipt handle SQS never issued: SQS answers ReceiptHandleIsInvalid.
+    let forged = got[1].clone().with_sqs_handle("not-a-receipt-handle");
     for (op, r) in [
         ("extend", t.extend(&forged, Duration::from_secs(5)).await),
         ("release", t.release(&forged).await),
@@ -368,10 +408,10 @@ async fn forged_sluice_attributes_reach_the_pipeline_as_headers() {
             .build()
             .unwrap()
     };
-    // A sluice-* name that is not ours, and a sluice-meta that is not our schema.
+    // A sluice-* name that is not ours, and a sluice-meta that is malformed.
     client
         .send_message()
-        .queue_url(t.queue_url())
+        .queue_url(t.queue_url().await.unwrap())
         .message_body("{}")
         .message_attributes("sluice-attempts", attr("1"))
         .message_attributes("sluice-meta", attr(r#"{"sluice-retries":"many"}"#))
@@ -384,7 +424,13 @@ async fn forged_sluice_attributes_reach_the_pipeline_as_headers() {
         d.headers.get("sluice-attempts").map(String::as_str),
         Some("1")
     );
-    assert!(d.headers.contains_key("sluice-meta"), "{:?}", d.headers);
+    // A sluice-meta is read as our envelope, and a malformed one is bad input.
+    let (label, reason) = d
+        .defect
+        .clone()
+        .expect("the malformed envelope is a defect");
+    assert_eq!(label, "malformed envelope");
+    assert!(reason.contains("sluice-retries"), "{reason}");
     // The pipeline dead-letters such a message; its copy keeps the forged headers.
     t.dead_letter(&d, &Failure::now(FailureClass::Permanent, "forged header"))
         .await
@@ -400,7 +446,7 @@ async fn fifo_keeps_group_order_and_a_retry_holds_back_only_its_group() {
     let mut opts = long_lease();
     opts.queue = format!("{}.fifo", unique("fifo"));
     let t = make(opts).await;
-    assert!(t.config().fifo && t.dlq_url().ends_with("-dlq.fifo"));
+    assert!(t.config().fifo && t.dlq_url().await.unwrap().ends_with("-dlq.fifo"));
     let msg = |group: &str, n: u32| {
         OutgoingMessage::new(format!("{{\"{group}\":{n}}}")).header("x-group-id", group)
     };
@@ -447,7 +493,7 @@ async fn fifo_keeps_group_order_and_a_retry_holds_back_only_its_group() {
             if n == "a1" {
                 assert_eq!(d.attempt, 2);
                 assert!(
-                    d.first_failure_at.is_some(),
+                    d.first_failure_at().is_some(),
                     "this process remembers the first failure"
                 );
             }
@@ -521,7 +567,7 @@ async fn crash_loop_reaches_the_dlq_through_redrive_policy_with_carried_retries(
         1 + 3,
         "the retry before the copy, and the copy's 3 receives"
     );
-    assert_eq!(dl.first_failure_at, sluice::message::rfc3339(failed.at));
+    assert_eq!(dl.first_failure_at, sluice::time::rfc3339(failed.at));
     assert_eq!(dl.function, "conformance");
     assert_eq!(t.stats().await.unwrap().dead_lettered, 1);
 }

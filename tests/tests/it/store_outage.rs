@@ -65,7 +65,7 @@ async fn start(
     tempfile::TempDir,
     TcpProxy,
     Calls,
-    Arc<sluice::worker::Runtime<Job, Calls, impl for<'a> sluice::Handler<'a, Job, Calls>>>,
+    Arc<sluice::worker::Runtime>,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let proxy = TcpProxy::start(&redis_target()).await.unwrap();

@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         lease: Duration::from_secs(30),
         max_deliveries: 10,
         poll_interval: Duration::from_millis(100),
+        declare: true,
     })
     .await?;
     let q = queue.clone();

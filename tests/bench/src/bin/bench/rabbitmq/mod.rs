@@ -392,6 +392,7 @@ fn options(queue: &str, url: &str) -> TransportOptions {
         // As the workers' settings (retry.max_deliveries), so that their checks agree.
         max_deliveries: 10,
         poll_interval: Duration::from_millis(50),
+        declare: true,
     }
 }
 

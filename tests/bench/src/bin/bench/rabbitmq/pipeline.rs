@@ -11,7 +11,7 @@ use serde::Deserialize;
 use sluice::{
     transport::{
         rabbitmq::{RabbitConfig, RabbitTransport},
-        Transport,
+        Transport, TransportOptions,
     },
     worker::RunOptions,
     CancellationToken, Context, Function, HandlerError, Settings,
@@ -46,10 +46,14 @@ pub(super) async fn transport_consume(
     reset_peak_rss();
     let config = RabbitConfig {
         prefetch,
-        declare: false,
         ..RabbitConfig::default()
     };
-    let t = RabbitTransport::open_with(options(queue, url), config).await?;
+    // The topology was declared once before the rounds: this handle only checks it.
+    let opts = TransportOptions {
+        declare: false,
+        ..options(queue, url)
+    };
+    let t = RabbitTransport::open_with(opts, config).await?;
     let started = Instant::now();
     let mut done = 0u64;
     while n.is_none_or(|n| done < n) && !stop.is_cancelled() {
