@@ -52,3 +52,24 @@ if [ ${#failed[@]} -gt 0 ]; then
     exit 1
 fi
 printf 'features: all %d combinations compile\n' ${#combos[@]}
+
+# What a feature set leaves out, it must leave out: the Lambda build and the deploy-file
+# generator link no broker client they do not use.
+for pkg in "charge-payment --no-default-features --features lambda" "deliver-webhook --no-default-features --features lambda" "sluice-infra"; do
+    read -r -a args <<<"$pkg"
+    if cargo tree -p "${args[@]}" -e normal --prefix none 2>/dev/null | grep -q '^lapin '; then
+        echo "features: cargo tree -p $pkg links lapin" >&2
+        exit 1
+    fi
+done
+echo "features: the Lambda builds and sluice-infra link no lapin"
+
+# Fault injection is not in a build without the feature: a fault.* key is refused at start,
+# naming the key and the feature (the workspace's tests build sluice with it, so this runs apart).
+out=$(cargo test --quiet -p sluice --no-default-features --features embedded --lib \
+    config::tests::a_fault_key_without_the_feature 2>&1)
+if ! grep -q '^test result: ok. 1 passed' <<<"$out"; then
+    printf '%s\nfeatures: the fault-key check of a build without `faults` did not pass\n' "$out" >&2
+    exit 1
+fi
+echo "features: a build without \`faults\` refuses fault.* keys at start"

@@ -4,11 +4,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use crate::config::BreakerSettings;
+use crate::{config::BreakerSettings, sync::Mutex};
 
 /// Breaker state, as exported in metrics (`breaker_state`: 0 closed, 1 half-open, 2 open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +62,7 @@ impl CircuitBreaker {
 
     /// Current state.
     pub fn state(&self) -> BreakerState {
-        let mut g = self.inner.lock().expect("breaker lock");
+        let mut g = self.inner.lock();
         self.refresh(&mut g, Instant::now());
         g.state
     }
@@ -74,7 +73,7 @@ impl CircuitBreaker {
             return Admission::Allow;
         }
         let now = Instant::now();
-        let mut g = self.inner.lock().expect("breaker lock");
+        let mut g = self.inner.lock();
         self.refresh(&mut g, now);
         match g.state {
             BreakerState::Closed => Admission::Allow,
@@ -89,7 +88,7 @@ impl CircuitBreaker {
 
     /// Records a handler success.
     pub fn on_success(&self) {
-        let mut g = self.inner.lock().expect("breaker lock");
+        let mut g = self.inner.lock();
         if g.state == BreakerState::HalfOpen {
             g.state = BreakerState::Closed;
             g.probe_out = false;
@@ -103,7 +102,7 @@ impl CircuitBreaker {
             return;
         }
         let now = Instant::now();
-        let mut g = self.inner.lock().expect("breaker lock");
+        let mut g = self.inner.lock();
         self.refresh(&mut g, now);
         match g.state {
             BreakerState::HalfOpen => self.open(&mut g, now),
@@ -126,7 +125,7 @@ impl CircuitBreaker {
 
     /// A probe that ended without a verdict (e.g. its message was a duplicate) frees the slot.
     pub fn probe_abandoned(&self) {
-        let mut g = self.inner.lock().expect("breaker lock");
+        let mut g = self.inner.lock();
         g.probe_out = false;
     }
 
@@ -192,7 +191,7 @@ mod tests {
         assert_eq!(b.admit(), Admission::Probe);
         b.on_failure();
         // Read the raw state: with open_for = 0 the next refresh would make it half-open.
-        assert_eq!(b.inner.lock().unwrap().state, BreakerState::Open);
+        assert_eq!(b.inner.lock().state, BreakerState::Open);
     }
 
     #[test]

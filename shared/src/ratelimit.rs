@@ -1,11 +1,8 @@
 //! A token bucket per function, for downstreams that throttle. Off when the rate is 0.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use crate::config::RateLimitSettings;
+use crate::{config::RateLimitSettings, sync::Mutex};
 
 /// Token bucket limiter.
 #[derive(Debug)]
@@ -35,7 +32,7 @@ impl RateLimiter {
 
     /// Takes one token, or says how long until one is there.
     pub fn try_take(&self) -> Result<(), Duration> {
-        let mut g = self.inner.lock().expect("rate limiter lock");
+        let mut g = self.inner.lock();
         let now = Instant::now();
         let (tokens, last) = *g;
         let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst);
