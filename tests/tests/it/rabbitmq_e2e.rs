@@ -227,7 +227,7 @@ async fn three_workers_at_once_charge_each_payment_exactly_once() {
         .collect();
     for (w, log) in &mut workers {
         let status = rig.wait(w, log).await;
-        assert!(status.success(), "{log}: {status:?}");
+        assert!(status.success(), "{log}: {status:?}\n{}", rig.log(log));
     }
     let s = rig.stats();
     assert_eq!(pending(&s), 0, "{s}");

@@ -62,7 +62,20 @@ pub(crate) fn open_sqlite(path: &Path) -> rusqlite::Result<Connection> {
     }
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Switching a new file to WAL answers SQLITE_BUSY at once, without the busy handler, while
+    // another process does the same (workers starting together on a file none has made yet).
+    let started = std::time::Instant::now();
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other?,
+        }
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
 }
