@@ -34,6 +34,8 @@ test: lint
     # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs: built for
     # an explicit target so it lands beside the host binaries, not over them.
     cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda,faults --target x86_64-unknown-linux-gnu
+    # The API reference builds without a warning (every public item documented, links resolve).
+    RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p sluice --no-deps --all-features
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
     cargo test --doc --workspace --quiet
     scripts/infra-check.sh

@@ -1,7 +1,7 @@
 //! A function: a name, a handler, its baked-in `sluice.toml`, and how it finds idempotency
 //! keys and accepted schema versions. `main` (in `app.rs`) is three lines over this builder.
 //!
-//! The builder is generic over the handler; [`Function::into_definition`] erases it once
+//! The builder is generic over the handler; `Function::into_definition` erases it once
 //! (`job.rs`), so everything after it (CLI, Lambda mode, worker, probes) is plain code.
 
 use std::{any::Any, future::Future, marker::PhantomData, pin::Pin, sync::Arc};

@@ -23,7 +23,37 @@ pub enum ErrorKind {
     RetryAfter(Duration),
 }
 
-/// A handler failure with its class.
+/// A handler failure with its class: the class decides what the runtime does (retry with
+/// backoff, dead-letter at once, or come back after a given time); the text goes to the logs
+/// and the dead-letter history.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluice::{ErrorKind, HandlerError};
+///
+/// /// What a downstream's HTTP status means for the message.
+/// fn classify(status: u16, retry_after: Option<Duration>) -> Result<(), HandlerError> {
+///     match status {
+///         200..=299 => Ok(()),
+///         // The downstream paces us: come back exactly then (no backoff, breaker untouched).
+///         429 => Err(HandlerError::retry_after(
+///             retry_after.unwrap_or(Duration::from_secs(30)),
+///             "rate limited",
+///         )),
+///         // Retrying the same input cannot help: dead-lettered at once.
+///         400..=499 => Err(HandlerError::permanent(format!("rejected with {status}"))),
+///         // Worth retrying with backoff; dead-lettered once retry.max_deliveries are used.
+///         _ => Err(HandlerError::transient(format!("downstream answered {status}"))),
+///     }
+/// }
+///
+/// assert_eq!(classify(503, None).unwrap_err().kind, ErrorKind::Transient);
+/// assert_eq!(classify(404, None).unwrap_err().kind, ErrorKind::Permanent);
+/// assert_eq!(
+///     classify(429, Some(Duration::from_secs(5))).unwrap_err().kind,
+///     ErrorKind::RetryAfter(Duration::from_secs(5))
+/// );
+/// ```
 #[derive(Debug, Clone)]
 pub struct HandlerError {
     /// The class.
@@ -72,6 +102,41 @@ impl std::error::Error for HandlerError {}
 
 /// What a handler knows about the message it is working on, and the function's shared state
 /// (clients built once at start-up, borrowed by every call).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use sluice::{Context, HandlerError};
+///
+/// /// Built once by `Function::state`, shared by every call.
+/// struct Mailer {
+///     sent: std::sync::Mutex<Vec<String>>,
+/// }
+///
+/// #[derive(Deserialize)]
+/// struct Welcome { user: String }
+///
+/// #[derive(Serialize)]
+/// struct Sent { key: String }
+///
+/// async fn welcome(input: Welcome, ctx: &Context<Mailer>) -> Result<Sent, HandlerError> {
+///     if ctx.is_cancelled() {
+///         // The lease was lost or shutdown ran out of grace: stop, the message comes back.
+///         return Err(HandlerError::transient("cancelled"));
+///     }
+///     // The idempotency key is the downstream's too: a redelivery cannot send twice there.
+///     let key = ctx.idempotency_key().to_owned();
+///     ctx.state().sent.lock().unwrap().push(format!("{key}: welcome {}", input.user));
+///     Ok(Sent { key })
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let mailer = std::sync::Arc::new(Mailer { sent: Default::default() });
+/// let ctx = Context::detached("m-1", mailer.clone()).with_idempotency_key("welcome:ada");
+/// let sent = welcome(Welcome { user: "ada".into() }, &ctx).await.unwrap();
+/// assert_eq!(sent.key, "welcome:ada");
+/// assert_eq!(mailer.sent.lock().unwrap().len(), 1);
+/// # });
+/// ```
 pub struct Context<S = ()> {
     pub(crate) message_id: String,
     pub(crate) attempt: u32,

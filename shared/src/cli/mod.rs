@@ -8,6 +8,7 @@
 //! code (docs/cli.md lists them).
 
 mod admin;
+mod event;
 mod print;
 
 use std::{io::Read, path::PathBuf, sync::Arc, time::Duration};
@@ -94,9 +95,10 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the handler once on a message, with no queue; prints its output.
+    /// Run the handler once on a message, with no queue; prints its output. Given a Lambda
+    /// SQS event, runs each record and prints the partial batch response.
     Invoke {
-        /// The JSON input (or --file, or stdin).
+        /// The JSON input, or a Lambda SQS event (or --file, or stdin).
         json: Option<String>,
         /// Read the input from this file.
         #[arg(long)]
@@ -204,6 +206,10 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
                 schema_versions: &schema_versions,
                 metrics: &metrics,
             };
+            // A Lambda SQS event (a file saved from the console, a test fixture): its records.
+            if let Some(records) = event::sqs_records(&body) {
+                return Ok(event::invoke_records(&handle, records).await);
+            }
             Ok(match handle.invoke(&body).await {
                 Ok(output) => {
                     println!("{}", String::from_utf8_lossy(&output));

@@ -76,7 +76,7 @@ pub struct TransportSettings {
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// RabbitMQ: messages the broker may push ahead of the handlers (unacked, per process);
-    /// 0 (the default) means 2 x `worker.concurrency`. See [`Settings::prefetch`].
+    /// 0 (the default) means 2 x `worker.concurrency`. See [`super::Settings::prefetch`].
     pub prefetch: u16,
     /// Create the broker topology when the worker starts (and on every reconnect). Off: it is
     /// only checked, for brokers provisioned by `provision` or `infra/`. RabbitMQ only; the

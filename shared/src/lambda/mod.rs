@@ -67,15 +67,35 @@ pub(crate) async fn serve(def: Definition) -> Result<(), Error> {
     .map_err(|e| Error::transport("lambda runtime", e))
 }
 
+/// Why an invocation failed as a whole, as Lambda reports it: `errorType` names the problem
+/// (CloudWatch, the `/error` call), `errorMessage` says it in words.
+#[derive(Debug)]
+pub(crate) enum InvocationError {
+    /// The payload is JSON but not an SQS event (the function is triggered by a queue).
+    NotAnSqsEvent(String),
+}
+
+impl From<InvocationError> for lambda_runtime::Diagnostic {
+    fn from(e: InvocationError) -> Self {
+        match e {
+            InvocationError::NotAnSqsEvent(why) => lambda_runtime::Diagnostic {
+                error_type: "NotAnSqsEvent".into(),
+                error_message: format!(
+                    "not an SQS event (this function is triggered by an SQS queue): {why}"
+                ),
+            },
+        }
+    }
+}
+
 /// One invocation: an SQS event in, the records to retry out.
 pub(crate) async fn handle_event(
     rt: &Arc<Runtime>,
     event: LambdaEvent<serde_json::Value>,
-) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+) -> Result<SqsBatchResponse, InvocationError> {
     let deadline_ms = absolute_deadline_ms(event.context.deadline, now_ms());
-    let sqs: SqsEvent = serde_json::from_value(event.payload).map_err(|e| {
-        format!("not an SQS event (this function is triggered by an SQS queue): {e}")
-    })?;
+    let sqs: SqsEvent = serde_json::from_value(event.payload)
+        .map_err(|e| InvocationError::NotAnSqsEvent(e.to_string()))?;
     let remaining =
         Duration::from_millis(deadline_ms.saturating_sub(now_ms())).saturating_sub(SAFETY_MARGIN);
     let budget = Budget {

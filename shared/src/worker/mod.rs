@@ -1,5 +1,5 @@
-//! The worker: an intake loop ([`intake`]) and one pipeline per message ([`pipeline`], with the
-//! handler call in [`call`]), read top to bottom.
+//! The worker: an intake loop (`intake.rs`) and one pipeline per message (`pipeline.rs`, with the
+//! handler call in `call.rs`), read top to bottom.
 //!
 //! receive (lease) -> decode + validate -> idempotency claim -> circuit breaker -> handler
 //! (timeout, short immediate retries, panics caught) -> classify -> complete or release the

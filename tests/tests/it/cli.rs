@@ -350,3 +350,56 @@ fn queue_commands_touch_neither_the_store_nor_the_state_initializer() {
     // The message is still there, untouched.
     assert_eq!(json(&sb, &bin, &["stats", "--json"])["ready"], 1);
 }
+
+/// `invoke --file event.json` takes a Lambda SQS event: every record through the handler, the
+/// partial batch response on stdout (transient failures reported, permanent ones not: Lambda
+/// mode dead-letters those), one line per record on stderr; exit 4 when a record failed.
+#[test]
+fn invoke_runs_each_record_of_an_sqs_event_and_prints_the_batch_response() {
+    let (_dir, sb, bin) = setup();
+    let fixture = sluice_tests::fixture("sqs-event.json");
+    let fixture = fixture.to_str().unwrap();
+    let out = run(&sb, &bin, &["invoke", "--file", fixture]);
+    assert!(out.status.success(), "{out:?}");
+    let response: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(response, serde_json::json!({ "batchItemFailures": [] }));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches(": ok ").count(), 2, "{stderr}");
+    assert_eq!(
+        sluice_tests::ledger_counts(&sb.ledger_db())
+            .unwrap()
+            .charges,
+        2
+    );
+
+    // One record the handler rejects (permanent), one the gateway cannot take (transient).
+    let mut event: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    event["Records"][0]["messageId"] = "rejected".into();
+    event["Records"][0]["body"] = sluice_tests::charge_body("zero", 0).into();
+    event["Records"][1]["messageId"] = "unreachable".into();
+    event["Records"][1]["body"] = sluice_tests::charge_body("later", 700).into();
+    let file = sb.dir.join("event.json");
+    std::fs::write(&file, event.to_string()).unwrap();
+    let file = file.to_str().unwrap();
+    let out = run(
+        &sb,
+        &bin,
+        &["invoke", "--file", file, "--set", "app.failure_rate=1"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let response: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        response,
+        serde_json::json!({ "batchItemFailures": [{ "itemIdentifier": "unreachable" }] })
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("record rejected: permanent"), "{stderr}");
+    assert!(stderr.contains("record unreachable: transient"), "{stderr}");
+    assert_eq!(
+        sluice_tests::ledger_counts(&sb.ledger_db())
+            .unwrap()
+            .charges,
+        2
+    );
+}

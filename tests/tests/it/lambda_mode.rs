@@ -408,6 +408,8 @@ async fn malformed_event_fails_the_invocation_and_the_function_goes_on() {
     };
     let text = err.to_string();
     assert!(text.contains("not an SQS event"), "{text}");
+    // The type names the problem, not a Rust type path (CloudWatch shows it).
+    assert_eq!(err["errorType"], "NotAnSqsEvent", "{text}");
     // Same process, next invocation.
     q.send(&charge_body("after-malformed", 400), "g").await;
     let msgs = q.receive(1, 60, Duration::from_secs(10)).await;

@@ -8,7 +8,7 @@
 //! A message is one row for its whole life: a retry moves its `visible_at` and records the
 //! failure in its envelope, so the row's `receive_count` is the attempt number and the
 //! crash-loop guard. There is nothing to declare per queue (a queue exists once a row names
-//! it): the file and its schema ([`schema`]) are created by whichever command opens it first.
+//! it): the file and its schema (`schema.rs`) are created by whichever command opens it first.
 //! The dead letters of queue `q` are shown as the queue `q.dlq` (redrive marks name it).
 //! docs/architecture.md "Embedded" has the rest.
 

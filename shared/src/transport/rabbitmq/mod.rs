@@ -7,13 +7,13 @@
 //!   and quorum queue, `<q>.dlq`, and one TTL queue per [`DELAY_LADDER_MS`] step. A handle
 //!   declares it when opened for work with `transport.declare` on (and on every reconnect), or
 //!   only checks it; `provision` declares it.
-//! - **Nothing is acked before its copy is confirmed** ([`settle`]): a retry or dead-letter copy
+//! - **Nothing is acked before its copy is confirmed** (`settle.rs`): a retry or dead-letter copy
 //!   is published with confirms and `mandatory` on the lease's own connection, then the
 //!   original is acked. A failed publish keeps the lease; a failed ack after a confirmed copy
 //!   duplicates (at-least-once), never loses.
 //! - **Attempts** = the envelope's carried retries + the quorum queue's `x-delivery-count` + 1.
 //!   The queue's `x-delivery-limit` (`max_deliveries - 1`) is the crash-loop guard.
-//! - **Our copies are told apart by how they arrived** ([`codec`]): through the default exchange
+//! - **Our copies are told apart by how they arrived** (`codec.rs`): through the default exchange
 //!   (every copy reaches `<q>` that way, producers publish to the `<q>` exchange) and carrying
 //!   `sluice-retries`. Only then are top-level `sluice-*` headers read as the envelope, and
 //!   checked; on any other delivery every header is the producer's, so forged `sluice-*` names
@@ -24,12 +24,12 @@
 //!   that is `LeaseLost`. No lease outlasts [`RabbitConfig::max_hold`] (below the broker's
 //!   `consumer_timeout`). A receipt names its handle, connection generation, channel and tag:
 //!   a tag of a dead channel or an older connection is never acked on a new one.
-//! - **Acks are coalesced** ([`acks`]) only where a `multiple` ack covers finished deliveries
+//! - **Acks are coalesced** (`acks.rs`) only where a `multiple` ack covers finished deliveries
 //!   alone.
 //! - **Delays** ride the ladder: the largest step not above the delay; a copy that comes back
-//!   at least one smallest step early is published to the next step ([`intake`]), so a delivery
+//!   at least one smallest step early is published to the next step (`intake.rs`), so a delivery
 //!   comes at most 250 ms early, and a delay under 250 ms waits 250 ms.
-//! - **Connection loss**: the next operation reconnects with backoff ([`session`]); deliveries
+//! - **Connection loss**: the next operation reconnects with backoff (`session.rs`); deliveries
 //!   of the old connection are the broker's to redeliver.
 
 mod acks;

@@ -148,7 +148,7 @@ fn check_queue_name(name: &str) -> Result<()> {
 }
 
 /// The client configuration of the standard AWS environment, with this adapter's timeouts.
-/// [`SqsTransport::open_with`] takes the result (tests add interceptors to it).
+/// [`super::SqsTransport::open_with`] takes the result (tests add interceptors to it).
 pub async fn sdk_config_from_env() -> Result<aws_sdk_sqs::config::Builder> {
     let shared = aws_config::load_defaults(BehaviorVersion::latest()).await;
     if shared.region().is_none() {

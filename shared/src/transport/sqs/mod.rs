@@ -4,7 +4,7 @@
 //! (`AWS_ENDPOINT_URL[_SQS]`, `AWS_REGION`, profiles, the task role), so the same binary talks
 //! to AWS or to moto. docs/sqs.md is the user's view; the invariants the code keeps are here.
 //!
-//! - **Queues** ([`provision`]): `transport.url` is a queue URL or name; the DLQ is `<name>-dlq`
+//! - **Queues** (`provision.rs`): `transport.url` is a queue URL or name; the DLQ is `<name>-dlq`
 //!   (FIFO: `<name>-dlq.fifo`) or what the `RedrivePolicy` names. Opening creates nothing;
 //!   the queues are looked up on first use, and created then only for `run` with
 //!   `transport.declare` on. `provision` creates or updates both.
@@ -17,12 +17,12 @@
 //! - **Leases** ([`crate::lease`]): SQS does not reliably refuse a stale receipt handle, so each
 //!   handle keeps a lease clock; settling after the lease (or twice) is `LeaseLost` without a
 //!   call. No message is kept in flight past 12 hours after its receive.
-//! - **Retries** ([`settle`]): on a standard queue a copy with the envelope is sent with
+//! - **Retries** (`settle.rs`): on a standard queue a copy with the envelope is sent with
 //!   `DelaySeconds`, then the original is deleted (a duplicate, never a loss, if the delete
 //!   fails); delays over 15 minutes carry a due time and hop. On a FIFO queue the original's
 //!   visibility is set instead (it holds back its group; the history stays in this process).
-//! - **The wire** ([`codec`]): one `sluice-meta` attribute for the envelope, 9 for producers.
-//! - **Dead letters** ([`dlq`]): sent with the envelope, then the original deleted; peeked with
+//! - **The wire** (`codec.rs`): one `sluice-meta` attribute for the envelope, 9 for producers.
+//! - **Dead letters** (`dlq.rs`): sent with the envelope, then the original deleted; peeked with
 //!   a short visibility and put back.
 
 mod codec;
