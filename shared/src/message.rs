@@ -165,6 +165,16 @@ impl Delivery {
         self.envelope.enqueued_at.unwrap_or_else(SystemTime::now)
     }
 
+    /// How long the message waited to be worked: since it was due (a delayed or retried copy)
+    /// or else since it was first published, until `now`; zero when the clocks disagree.
+    pub fn waited(&self, now: SystemTime) -> Duration {
+        let since = match (self.envelope.enqueued_at, self.envelope.due_at) {
+            (Some(e), Some(d)) => e.max(d),
+            (e, d) => e.or(d).unwrap_or(now),
+        };
+        now.duration_since(since).unwrap_or_default()
+    }
+
     /// Time of the first failure, if an earlier delivery failed.
     pub fn first_failure_at(&self) -> Option<SystemTime> {
         self.envelope.first_failure_at()

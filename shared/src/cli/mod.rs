@@ -188,7 +188,12 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
         Command::Run { drain, summary, .. } => {
             if let Some(addr) = settings.telemetry.listen {
                 // Before the transport and store open: alive, not ready, while they connect.
-                crate::serve::start(addr, def.health.clone()).await?;
+                let labels = crate::telemetry::Labels {
+                    function: def.name.clone(),
+                    queue: settings.queue.clone(),
+                    version: settings.telemetry.version.clone(),
+                };
+                crate::serve::start(addr, def.health.clone(), labels).await?;
             }
             let rt = Arc::new(def.open(settings).await?);
             let shutdown = CancellationToken::new();
