@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub(crate) use self::call::Handle;
 pub use self::intake::RunOptions;
 #[cfg(feature = "lambda")]
-pub(crate) use self::pipeline::Budget;
+pub(crate) use self::pipeline::{Budget, RecordOutcome};
 use crate::{
     breaker::{BreakerState, CircuitBreaker},
     config::Settings,

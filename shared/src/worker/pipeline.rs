@@ -195,7 +195,7 @@ impl Runtime {
         d: Delivery,
         budget: Budget,
         retry_keeps_original: bool,
-    ) -> bool {
+    ) -> RecordOutcome {
         let started = Instant::now();
         let prepared = self.prepare(&d);
         let span = self.span(&d, prepared.as_ref().ok().map(|(_, key)| key.as_str()));
@@ -212,7 +212,7 @@ impl Runtime {
                 _ = tokio::time::sleep(budget.claim_lease) => cut_short(&cancel, decide.as_mut()).await,
             };
             self.undo_unsettled(&verdict, &held, &probe).await;
-            let report = match &verdict {
+            let outcome = match &verdict {
                 Verdict::Ack { duplicate } => {
                     let outcome = if *duplicate {
                         Outcome::Duplicate
@@ -221,20 +221,29 @@ impl Runtime {
                     };
                     self.metrics.settled(outcome, ErrorClass::None);
                     tracing::debug!(outcome = outcome.as_str(), "settled");
-                    false
+                    if *duplicate {
+                        RecordOutcome::Duplicate
+                    } else {
+                        RecordOutcome::Succeeded
+                    }
                 }
                 Verdict::Release | Verdict::Abandon => {
                     tracing::info!(outcome = "returned", "left to the visibility timeout");
-                    true
+                    RecordOutcome::Returned
                 }
                 Verdict::Retry { .. } | Verdict::DeadLetter { .. } => {
                     let retry = matches!(verdict, Verdict::Retry { .. });
-                    let settled = self.settle(&d, verdict).await;
-                    !settled || (retry && retry_keeps_original)
+                    match (self.settle(&d, verdict).await, retry) {
+                        (false, _) => RecordOutcome::Returned,
+                        (true, true) => RecordOutcome::Retried {
+                            reported: retry_keeps_original,
+                        },
+                        (true, false) => RecordOutcome::DeadLettered,
+                    }
                 }
             };
             self.metrics.observe(started.elapsed());
-            report
+            outcome
         }
         .instrument(span)
         .await
@@ -597,5 +606,33 @@ impl Verdict {
             },
             other => other,
         }
+    }
+}
+
+/// How one record of a Lambda invocation ended (its part of the invocation's EMF document).
+#[cfg(feature = "lambda")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordOutcome {
+    /// Done; Lambda deletes it.
+    Succeeded,
+    /// Already done; Lambda deletes it.
+    Duplicate,
+    /// To be tried again: a delayed copy replaced it, or (`reported`, FIFO) its own
+    /// visibility was set to the delay and it is reported in `batchItemFailures`.
+    Retried { reported: bool },
+    /// Sent to the DLQ; Lambda deletes it.
+    DeadLettered,
+    /// Reported, left to the visibility timeout: out of time, lease lost, or a settle failed.
+    Returned,
+}
+
+#[cfg(feature = "lambda")]
+impl RecordOutcome {
+    /// Whether the record goes into `batchItemFailures`.
+    pub(crate) fn reported(self) -> bool {
+        matches!(
+            self,
+            RecordOutcome::Retried { reported: true } | RecordOutcome::Returned
+        )
     }
 }
