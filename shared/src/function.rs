@@ -58,6 +58,7 @@ pub struct Function<T, S, H> {
     config_toml: Option<&'static str>,
     key_fn: Option<KeyFn<T>>,
     schema_versions: Vec<String>,
+    version: &'static str,
     init: Option<StateInit<S>>,
     _t: PhantomData<fn() -> T>,
 }
@@ -67,6 +68,8 @@ pub(crate) struct Definition {
     pub(crate) name: String,
     pub(crate) config_toml: Option<&'static str>,
     pub(crate) schema_versions: Vec<String>,
+    /// The function's version: the default of `telemetry.version`.
+    pub(crate) version: &'static str,
     /// Probe state, shared by the worker and the `telemetry.listen` server.
     pub(crate) health: Arc<Health>,
     bind: Binder,
@@ -86,6 +89,7 @@ where
             config_toml: None,
             key_fn: None,
             schema_versions: Vec::new(),
+            version: env!("CARGO_PKG_VERSION"),
             init: None,
             _t: PhantomData,
         }
@@ -109,6 +113,14 @@ where
     /// the first version listed.
     pub fn schema_versions(mut self, versions: &[&str]) -> Self {
         self.schema_versions = versions.iter().map(|v| v.to_string()).collect();
+        self
+    }
+
+    /// The function's version, usually `env!("CARGO_PKG_VERSION")` of its own crate: the
+    /// `version` label of its metrics unless `telemetry.version` says otherwise. Without it,
+    /// Sluice's own version is used.
+    pub fn version(mut self, version: &'static str) -> Self {
+        self.version = version;
         self
     }
 
@@ -172,6 +184,7 @@ where
             name: self.name,
             config_toml: self.config_toml,
             schema_versions: self.schema_versions,
+            version: self.version,
             health: Arc::default(),
             bind,
         }
@@ -186,12 +199,33 @@ impl Definition {
         config_file: Option<&str>,
         overrides: &[String],
     ) -> Result<Settings> {
-        Settings::load(
+        let mut settings = Settings::load(
             &self.name,
             config_file.or(self.config_toml),
             std::env::vars(),
             overrides,
-        )
+        )?;
+        self.resolve_version(&mut settings);
+        Ok(settings)
+    }
+
+    /// An empty `telemetry.version` becomes the version this process runs: Lambda's own
+    /// version number in Lambda mode (what the alias and CodeDeploy shift between), else the
+    /// function's.
+    fn resolve_version(&self, settings: &mut Settings) {
+        if !settings.telemetry.version.is_empty() {
+            return;
+        }
+        // Lambda sets this variable in every execution environment, and nothing else does.
+        #[cfg(feature = "lambda")]
+        if let Some(v) = std::env::var("AWS_LAMBDA_FUNCTION_VERSION")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            settings.telemetry.version = v;
+            return;
+        }
+        settings.telemetry.version = self.version.to_owned();
     }
 
     /// Runs the state initializer and binds the handler to its state.
@@ -221,7 +255,10 @@ impl Definition {
         self.open_as(settings, Purpose::Admin).await
     }
 
-    async fn open_as(self, settings: Settings, purpose: Purpose) -> Result<Runtime> {
+    async fn open_as(self, mut settings: Settings, purpose: Purpose) -> Result<Runtime> {
+        // Settings made by hand (`Function::build` in tests and benchmarks) come here without
+        // `load_settings`.
+        self.resolve_version(&mut settings);
         let (parts, job) = self.bind(settings.clone()).await?;
         let transport = AnyTransport::open(&parts.name, &settings, purpose).await?;
         let store = StoreFront::open(&settings).await?;

@@ -165,6 +165,16 @@ impl Delivery {
         self.envelope.enqueued_at.unwrap_or_else(SystemTime::now)
     }
 
+    /// How long the message waited to be worked: since it was due (a delayed or retried copy)
+    /// or else since it was first published, until `now`; zero when the clocks disagree.
+    pub fn waited(&self, now: SystemTime) -> Duration {
+        let since = match (self.envelope.enqueued_at, self.envelope.due_at) {
+            (Some(e), Some(d)) => e.max(d),
+            (e, d) => e.or(d).unwrap_or(now),
+        };
+        now.duration_since(since).unwrap_or_default()
+    }
+
     /// Time of the first failure, if an earlier delivery failed.
     pub fn first_failure_at(&self) -> Option<SystemTime> {
         self.envelope.first_failure_at()
@@ -209,6 +219,53 @@ pub struct QueueStats {
     pub delayed: u64,
     /// On the dead-letter queue.
     pub dead_lettered: u64,
+    /// How long the ready message that has waited longest has been ready, when the transport
+    /// can tell without touching a message. JSON: `oldest_ready_age_s` (seconds, or `null`
+    /// when unknown, with `oldest_ready_age_unknown` saying why).
+    #[serde(flatten)]
+    pub oldest_ready: OldestAge,
+}
+
+/// The age of a queue's oldest ready message: from the moment it became ready (published,
+/// due after a delay, or back after a lease ran out) until now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldestAge {
+    /// Known; zero when no message is ready.
+    Known(Duration),
+    /// The transport cannot tell without a side effect (a look at the message that counts as
+    /// a delivery); why, in words.
+    Unknown(&'static str),
+}
+
+impl Default for OldestAge {
+    fn default() -> Self {
+        OldestAge::Known(Duration::ZERO)
+    }
+}
+
+impl OldestAge {
+    /// The age, when known.
+    pub fn known(self) -> Option<Duration> {
+        match self {
+            OldestAge::Known(d) => Some(d),
+            OldestAge::Unknown(_) => None,
+        }
+    }
+}
+
+impl Serialize for OldestAge {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match self {
+            OldestAge::Known(d) => m.serialize_entry("oldest_ready_age_s", &d.as_secs_f64())?,
+            OldestAge::Unknown(why) => {
+                m.serialize_entry("oldest_ready_age_s", &None::<f64>)?;
+                m.serialize_entry("oldest_ready_age_unknown", why)?;
+            }
+        }
+        m.end()
+    }
 }
 
 impl QueueStats {

@@ -16,12 +16,7 @@
 //! and store are open, the loop runs, and no shutdown was asked": at SIGTERM `/readyz` turns
 //! 503 at once, while in-flight messages finish within `worker.shutdown_grace`.
 
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    sync::{atomic::Ordering::Relaxed, Arc},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -29,22 +24,20 @@ use tokio::{
 };
 
 use crate::{
-    breaker::BreakerState,
     error::{Error, Result},
-    telemetry::{health::Health, Metrics},
+    telemetry::{exposition, health::Health, Labels},
 };
 
 /// The largest request head read; probes and scrapers send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// The latency quantiles exported.
-const QUANTILES: [f64; 3] = [0.5, 0.95, 0.99];
 
 /// Binds `telemetry.listen` and serves the probes and metrics until the process exits.
 /// Called before the transport and store are opened, so a pod is alive (not ready) while
-/// they connect, and a port already in use fails at start naming the key.
-pub async fn start(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr> {
+/// they connect, and a port already in use fails at start naming the key. `labels` label
+/// `sluice_ready`, which is answered before the worker (and its own series) exists.
+pub async fn start(addr: SocketAddr, health: Arc<Health>, labels: Labels) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         Error::Config(format!(
             "key `telemetry.listen`: cannot listen on {addr}: {e}"
@@ -57,9 +50,9 @@ pub async fn start(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr> 
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let health = health.clone();
+                    let (health, labels) = (health.clone(), labels.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &health).await {
+                        if let Err(e) = answer(stream, &health, &labels).await {
                             tracing::debug!(error = %e, "telemetry request failed");
                         }
                     });
@@ -75,7 +68,7 @@ pub async fn start(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr> 
     Ok(local)
 }
 
-async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, health: &Health, labels: &Labels) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let complete = tokio::time::timeout(READ_TIMEOUT, async {
@@ -97,7 +90,7 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = route(method, path, health);
+    let (status, content_type, body) = route(method, path, health, labels);
     let reply = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -109,7 +102,12 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-fn route(method: &str, path: &str, health: &Health) -> (&'static str, &'static str, String) {
+fn route(
+    method: &str,
+    path: &str,
+    health: &Health,
+    labels: &Labels,
+) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != "GET" && method != "HEAD" {
         return ("405 Method Not Allowed", TEXT, "GET only\n".into());
@@ -133,7 +131,7 @@ fn route(method: &str, path: &str, health: &Health) -> (&'static str, &'static s
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics_text(health),
+            metrics_text(health, labels),
         ),
         _ => (
             "404 Not Found",
@@ -143,168 +141,18 @@ fn route(method: &str, path: &str, health: &Health) -> (&'static str, &'static s
     }
 }
 
-/// `/metrics`: the exposition text.
-fn metrics_text(health: &Health) -> String {
+/// `/metrics`: the exposition text (`telemetry/exposition.rs`).
+fn metrics_text(health: &Health, labels: &Labels) -> String {
     let mut out = String::new();
-    let source = health.source();
-    if let Some(s) = &source {
-        render(s.function(), s.metrics(), s.breaker(), &mut out);
+    if let Some(s) = health.source() {
+        exposition::render(s.metrics(), s.breaker(), &mut out);
     }
-    let ready = u8::from(health.readiness().0);
-    let label = source
-        .as_ref()
-        .map(|s| format!("{{function=\"{}\"}}", escape(s.function())))
-        .unwrap_or_default();
-    metric(
-        &mut out,
-        "sluice_ready",
-        "gauge",
-        "1 when /readyz answers 200.",
-    );
-    let _ = writeln!(out, "sluice_ready{label} {ready}");
+    exposition::render_ready(labels, health.readiness().0, &mut out);
     out
-}
-
-fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A label value in the exposition format: backslash, double quote and newline escaped.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The counters and gauges of telemetry.rs as `sluice_*` series labelled with the function.
-fn render(function: &str, m: &Metrics, breaker: BreakerState, out: &mut String) {
-    let f = escape(function);
-    let s = m.summary();
-    for (name, value, help) in [
-        ("received", s.received, "Deliveries received."),
-        (
-            "succeeded",
-            s.succeeded,
-            "Handler succeeded and the message was acked.",
-        ),
-        (
-            "retried",
-            s.retried,
-            "Sent back to the broker with a delay.",
-        ),
-        (
-            "immediate_retries",
-            s.immediate_retries,
-            "In-slot retries of the handler.",
-        ),
-        ("dead_lettered", s.dead_lettered, "Dead-lettered messages."),
-        (
-            "duplicates_skipped",
-            s.duplicates_skipped,
-            "Duplicates whose stored result was replayed (handler not run).",
-        ),
-        ("panics", s.panics, "Handler panics caught."),
-        ("released", s.released, "Returned to the queue at shutdown."),
-    ] {
-        let name = format!("sluice_{name}_total");
-        metric(out, &name, "counter", help);
-        let _ = writeln!(out, "{name}{{function=\"{f}\"}} {value}");
-    }
-    let name = "sluice_dead_lettered_by_reason_total";
-    metric(out, name, "counter", "Dead-lettered messages by reason.");
-    for (reason, n) in &s.dead_letter_reasons {
-        let _ = writeln!(
-            out,
-            "{name}{{function=\"{f}\",reason=\"{}\"}} {n}",
-            escape(reason)
-        );
-    }
-    metric(
-        out,
-        "sluice_in_flight",
-        "gauge",
-        "Messages being worked now.",
-    );
-    let _ = writeln!(
-        out,
-        "sluice_in_flight{{function=\"{f}\"}} {}",
-        m.in_flight.load(Relaxed)
-    );
-    let state = match breaker {
-        BreakerState::Closed => 0,
-        BreakerState::HalfOpen => 1,
-        BreakerState::Open => 2,
-    };
-    metric(
-        out,
-        "sluice_breaker_state",
-        "gauge",
-        "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-    );
-    let _ = writeln!(out, "sluice_breaker_state{{function=\"{f}\"}} {state}");
-    let name = "sluice_latency_seconds";
-    metric(
-        out,
-        name,
-        "summary",
-        "Receive-to-settle time of each delivery.",
-    );
-    let (count, sum, at) = m.latency(&QUANTILES);
-    for (q, v) in QUANTILES.iter().zip(at) {
-        let _ = writeln!(out, "{name}{{function=\"{f}\",quantile=\"{q}\"}} {v}");
-    }
-    let _ = writeln!(out, "{name}_sum{{function=\"{f}\"}} {sum}");
-    let _ = writeln!(out, "{name}_count{{function=\"{f}\"}} {count}");
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::telemetry::inc;
-
-    #[test]
-    fn exposition_names_every_counter_with_the_function_label() {
-        let m = Metrics::default();
-        for _ in 0..3 {
-            inc(&m.received);
-        }
-        inc(&m.succeeded);
-        m.dead_letter_reason("poison \"x\"");
-        m.observe(Duration::from_millis(20));
-        let mut out = String::new();
-        render("fn-a", &m, BreakerState::Open, &mut out);
-        assert!(
-            out.contains("sluice_received_total{function=\"fn-a\"} 3\n"),
-            "{out}"
-        );
-        assert!(out.contains("sluice_succeeded_total{function=\"fn-a\"} 1\n"));
-        assert!(out.contains("sluice_dead_lettered_total{function=\"fn-a\"} 1\n"));
-        assert!(out.contains(
-            "sluice_dead_lettered_by_reason_total{function=\"fn-a\",reason=\"poison \\\"x\\\"\"} 1\n"
-        ));
-        assert!(out.contains("sluice_breaker_state{function=\"fn-a\"} 2\n"));
-        assert!(out.contains("sluice_latency_seconds_count{function=\"fn-a\"} 1\n"));
-        let p50: f64 = out
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("sluice_latency_seconds{function=\"fn-a\",quantile=\"0.5\"} ")
-            })
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!((0.0199..0.0201).contains(&p50), "{p50}");
-        // Every sample line belongs to a family announced by # TYPE before it.
-        let mut typed = Vec::new();
-        for line in out.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                typed.push(rest.split(' ').next().unwrap().to_owned());
-            } else if !line.starts_with('#') {
-                let name = line.split(['{', ' ']).next().unwrap();
-                assert!(typed.iter().any(|t| name.starts_with(t.as_str())), "{line}");
-            }
-        }
-    }
-
     #[test]
     fn listen_key_parses_and_a_bad_value_names_the_key() {
         let load = |v: &str| {

@@ -357,7 +357,8 @@ pub fn lambda_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Starts `bin` in Lambda mode against the stub at `api`, with the environment Lambda sets and
-/// `env` on top; stderr appended to `log`.
+/// `env` on top; stdout and stderr appended to `log`, as Lambda writes both to one log stream
+/// (the EMF documents on stdout among the log lines).
 pub fn spawn_lambda(
     bin: &Path,
     api: SocketAddr,
@@ -375,15 +376,14 @@ pub fn spawn_lambda(
             format!("/aws/lambda/{function_name}"),
         )
         .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)?,
-        );
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     Ok(cmd.spawn()?)
 }
 

@@ -157,6 +157,7 @@ async fn connect(settings: Settings) -> anyhow::Result<Ledger> {
 fn main() -> std::process::ExitCode {
     Function::new("charge-payment", charge)
         .config(include_str!("../sluice.toml"))
+        .version(env!("CARGO_PKG_VERSION"))
         .idempotency_key(|req: &ChargeRequest| req.payment_id.clone())
         .schema_versions(&["1"])
         .state(connect)

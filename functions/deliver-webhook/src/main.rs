@@ -27,6 +27,7 @@ use sluice::{Context, HandlerError, Settings};
 fn main() -> std::process::ExitCode {
     sluice::Function::new("deliver-webhook", deliver)
         .config(include_str!("../sluice.toml"))
+        .version(env!("CARGO_PKG_VERSION"))
         .idempotency_key(delivery_key)
         .state(init)
         .main()

@@ -15,6 +15,7 @@
 //! | queue `VisibilityTimeout` | 6 x the Lambda timeout (AWS's guidance for SQS triggers) |
 //! | bucket lifecycle `ExpirationInDays` | `store.ttl`, rounded up to days |
 //! | default queue and function name | `queue` |
+//! | the alarms' EMF `Namespace` | `telemetry.emf_namespace` (or `SLUICE__TELEMETRY__EMF_NAMESPACE` in `[deploy.lambda] env`) |
 //!
 //! Deployment-only knobs (memory, batch size and window, `MaximumConcurrency`, architecture,
 //! extra environment, secrets, the age alarm, the CodeDeploy configuration) come from
@@ -54,9 +55,8 @@ const MAX_VISIBILITY_SECS: u64 = 43_200;
 const DLQ_RETENTION_SECS: u64 = 1_209_600;
 /// SQS's documented message size limit; moto defaults to 1 MiB, so it is set explicitly.
 const MAX_MESSAGE_BYTES: u64 = 262_144;
-/// The CloudWatch namespace of the function's EMF metrics: the default of
-/// `telemetry.emf_namespace` (the METRICS CONTRACT); the alarms read it.
-const EMF_NAMESPACE: &str = "Sluice";
+/// The variable that sets `telemetry.emf_namespace` in the function's environment.
+const EMF_NAMESPACE_ENV: &str = "SLUICE__TELEMETRY__EMF_NAMESPACE";
 /// The alias the event source mapping invokes and CodeDeploy shifts.
 const ALIAS: &str = "live";
 /// CodeDeploy's predefined Lambda configurations (`CodeDeployDefault.*`); any other name is a
@@ -638,13 +638,23 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The CloudWatch namespace the function writes its EMF documents under, which its alarms
+/// must read: `telemetry.emf_namespace` of its `sluice.toml`, unless `[deploy.lambda] env`
+/// sets the function's variable for it.
+fn emf_namespace<'a>(f: &'a Function, deploy: &'a LambdaDeploy) -> &'a str {
+    deploy
+        .env
+        .get(EMF_NAMESPACE_ENV)
+        .unwrap_or(&f.settings.telemetry.emf_namespace)
+}
+
 /// One metric of the function's EMF document, as a metric-math input.
-fn emf_metric(id: &str, f: &Function, metric: &str, stat: &str) -> Value {
+fn emf_metric(id: &str, f: &Function, namespace: &str, metric: &str, stat: &str) -> Value {
     json!({
         "Id": id,
         "MetricStat": {
             "Metric": {
-                "Namespace": EMF_NAMESPACE,
+                "Namespace": namespace,
                 "MetricName": metric,
                 "Dimensions": [
                     { "Name": "function", "Value": f.name },
@@ -661,6 +671,7 @@ fn emf_metric(id: &str, f: &Function, metric: &str, stat: &str) -> Value {
 /// The alarms on the function's EMF metrics, the published version, the alias, CodeDeploy's
 /// application, deployment group and role, and the event source mapping pointed at the alias.
 fn staged_rollout(t: &mut Value, f: &Function, deploy: &LambdaDeploy, slo: &Slo) -> Result<()> {
+    let namespace = emf_namespace(f, deploy);
     let alarm_actions = json!({
         "Fn::If": ["HasAlarmTopic", [r("AlarmTopicArn")], r("AWS::NoValue")]
     });
@@ -683,9 +694,9 @@ fn staged_rollout(t: &mut Value, f: &Function, deploy: &LambdaDeploy, slo: &Slo)
     ));
     error_ratio["Threshold"] = json!(slo.error_ratio);
     error_ratio["Metrics"] = json!([
-        emf_metric("records", f, "Records", "Sum"),
-        emf_metric("retried", f, "Retried", "Sum"),
-        emf_metric("dead", f, "DeadLettered", "Sum"),
+        emf_metric("records", f, namespace, "Records", "Sum"),
+        emf_metric("retried", f, namespace, "Retried", "Sum"),
+        emf_metric("dead", f, namespace, "DeadLettered", "Sum"),
         {
             "Id": "ratio",
             "Label": "error ratio",
@@ -701,7 +712,7 @@ fn staged_rollout(t: &mut Value, f: &Function, deploy: &LambdaDeploy, slo: &Slo)
         "${{Name}}: HandlerDuration p95 above {latency_ms} ms in 3 of the last 5 minutes \
          (docs/runbook.md)"
     ));
-    duration["Namespace"] = json!(EMF_NAMESPACE);
+    duration["Namespace"] = json!(namespace);
     duration["MetricName"] = json!("HandlerDuration");
     duration["Dimensions"] = json!([
         { "Name": "function", "Value": f.name },
@@ -1124,6 +1135,35 @@ mod tests {
         let duration = &res["DurationAlarm"]["Properties"];
         assert_eq!(duration["ExtendedStatistic"], "p95");
         assert_eq!(duration["Threshold"], 250);
+    }
+
+    #[test]
+    fn the_alarms_read_the_namespace_the_function_writes_its_emf_under() {
+        let namespaces = |toml: &str| {
+            let t = rendered(&function("f", toml));
+            let res = &t["Resources"];
+            let ratio = res["ErrorRatioAlarm"]["Properties"]["Metrics"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|m| m["MetricStat"]["Metric"]["Namespace"].as_str())
+                .map(str::to_owned)
+                .collect::<Vec<_>>();
+            let duration = res["DurationAlarm"]["Properties"]["Namespace"].clone();
+            (ratio, duration)
+        };
+        let (ratio, duration) = namespaces("");
+        assert_eq!(ratio, ["Sluice"; 3]);
+        assert_eq!(duration, "Sluice");
+        let (ratio, duration) = namespaces("[telemetry]\nemf_namespace = \"Payments/Workers\"\n");
+        assert_eq!(ratio, ["Payments/Workers"; 3]);
+        assert_eq!(duration, "Payments/Workers");
+        // The deployment's own environment wins, as it does in the running function.
+        let (ratio, duration) = namespaces(
+            "[telemetry]\nemf_namespace = \"A\"\n[deploy.lambda]\nenv = { SLUICE__TELEMETRY__EMF_NAMESPACE = \"B\" }\n",
+        );
+        assert_eq!(ratio, ["B"; 3]);
+        assert_eq!(duration, "B");
     }
 
     #[test]

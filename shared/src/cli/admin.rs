@@ -126,7 +126,55 @@ pub(super) async fn stats(t: &AnyTransport, settings: &Settings, json: bool) -> 
     if json {
         println!("{}", serde_json::to_string(&s).expect("serializes"));
     } else {
-        print::stats(&settings.queue, &s);
+        print!("{}", print::stats(&settings.queue, &s));
+    }
+    Ok(Outcome::Done)
+}
+
+/// `stats --watch`: a reading every `interval` until SIGINT or SIGTERM (exit 0). On a
+/// terminal the table is redrawn in place; to a pipe or file each reading is one line (JSON
+/// with `--json`), so the output can be followed or parsed. A failed reading is printed as
+/// an error line and the watch goes on: a broker that is briefly away is what one watches for.
+pub(super) async fn watch_stats(
+    t: &AnyTransport,
+    settings: &Settings,
+    json: bool,
+    interval: std::time::Duration,
+) -> Result<Outcome> {
+    use std::io::{IsTerminal, Write};
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let mut term = signal(SignalKind::terminate())?;
+    let redraw = !json && std::io::stdout().is_terminal();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        let now = crate::time::rfc3339(std::time::SystemTime::now());
+        let reading = t.stats().await;
+        let mut out = std::io::stdout().lock();
+        match reading {
+            Ok(s) if json => {
+                let mut v = serde_json::to_value(s).expect("serializes");
+                v["at"] = serde_json::Value::String(now);
+                writeln!(out, "{v}")?;
+            }
+            // Cursor home and the screen cleared, then the table.
+            Ok(s) if redraw => writeln!(
+                out,
+                "\x1b[H\x1b[2J{}{:<15}{now}  (every {}; Ctrl-C ends)",
+                print::stats(&settings.queue, &s),
+                "at",
+                humantime::format_duration(interval)
+            )?,
+            Ok(s) => writeln!(out, "{now}  {}", print::stats_line(&s))?,
+            Err(e) => writeln!(out, "{now}  error: {}", e.report())?,
+        }
+        out.flush()?;
     }
     Ok(Outcome::Done)
 }

@@ -89,11 +89,18 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Queue depths.
+    /// Queue depths and the oldest ready message's age.
     Stats {
-        /// Print as a JSON object.
+        /// Print as a JSON object (with --watch, one a line).
         #[arg(long)]
         json: bool,
+        /// Refresh until Ctrl-C (SIGINT) or SIGTERM: a table redrawn in place on a terminal,
+        /// one line a refresh otherwise.
+        #[arg(long)]
+        watch: bool,
+        /// Time between refreshes of --watch.
+        #[arg(long, value_parser = parse_interval, default_value = "2s", requires = "watch")]
+        interval: Duration,
     },
     /// Run the handler once on a message, with no queue; prints its output. Given a Lambda
     /// SQS event, runs each record and prints the partial batch response.
@@ -183,7 +190,12 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
         Command::Run { drain, summary, .. } => {
             if let Some(addr) = settings.telemetry.listen {
                 // Before the transport and store open: alive, not ready, while they connect.
-                crate::serve::start(addr, def.health.clone()).await?;
+                let labels = crate::telemetry::Labels {
+                    function: def.name.clone(),
+                    queue: settings.queue.clone(),
+                    version: settings.telemetry.version.clone(),
+                };
+                crate::serve::start(addr, def.health.clone(), labels).await?;
             }
             let rt = Arc::new(def.open(settings).await?);
             let shutdown = CancellationToken::new();
@@ -246,12 +258,29 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
             };
             admin::redrive(&admin(settings).await?, &filter, json).await
         }
-        Command::Stats { json } => {
+        Command::Stats {
+            json,
+            watch,
+            interval,
+        } => {
             let t = admin(settings.clone()).await?;
-            admin::stats(&t, &settings, json).await
+            if watch {
+                admin::watch_stats(&t, &settings, json, interval).await
+            } else {
+                admin::stats(&t, &settings, json).await
+            }
         }
         Command::Provision => admin::provision(admin(settings.clone()).await?, &settings).await,
     }
+}
+
+/// `stats --interval`: a duration of at least 100 ms (a tighter loop only loads the broker).
+fn parse_interval(text: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(d)
 }
 
 /// Every `--set KEY=VALUE` and `--set=KEY=VALUE`, in order. Arguments after `--` are not

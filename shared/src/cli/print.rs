@@ -1,6 +1,10 @@
 //! What the queue commands print for people (`--json` prints the types as JSON instead).
 
-use crate::{dead_letter::DeadLetter, message::QueueStats, text::one_line};
+use crate::{
+    dead_letter::DeadLetter,
+    message::{OldestAge, QueueStats},
+    text::one_line,
+};
 
 pub(super) fn dead_letters(items: &[DeadLetter]) {
     if items.is_empty() {
@@ -59,10 +63,48 @@ pub(super) fn redriven(moved: &[DeadLetter], dry_run: bool) {
     }
 }
 
-pub(super) fn stats(queue: &str, s: &QueueStats) {
-    println!("queue          {queue}");
-    println!("ready          {}", s.ready);
-    println!("in_flight      {}", s.in_flight);
-    println!("delayed        {}", s.delayed);
-    println!("dead_lettered  {}", s.dead_lettered);
+/// The `stats` table.
+pub(super) fn stats(queue: &str, s: &QueueStats) -> String {
+    format!(
+        "queue          {queue}\n\
+         ready          {}\n\
+         in_flight      {}\n\
+         delayed        {}\n\
+         dead_lettered  {}\n\
+         oldest_ready   {}\n",
+        s.ready,
+        s.in_flight,
+        s.delayed,
+        s.dead_lettered,
+        oldest(s.oldest_ready)
+    )
+}
+
+/// One reading of `stats --watch` on one line.
+pub(super) fn stats_line(s: &QueueStats) -> String {
+    let age = match s.oldest_ready {
+        OldestAge::Known(d) => age(d),
+        OldestAge::Unknown(_) => "unknown".into(),
+    };
+    format!(
+        "ready={} in_flight={} delayed={} dead_lettered={} oldest_ready={age}",
+        s.ready, s.in_flight, s.delayed, s.dead_lettered
+    )
+}
+
+fn oldest(a: OldestAge) -> String {
+    match a {
+        OldestAge::Known(d) => age(d),
+        OldestAge::Unknown(why) => format!("unknown: {why}"),
+    }
+}
+
+/// An age to the millisecond below a minute, to the second above.
+fn age(d: std::time::Duration) -> String {
+    let d = if d < std::time::Duration::from_secs(60) {
+        std::time::Duration::from_millis(d.as_millis() as u64)
+    } else {
+        std::time::Duration::from_secs(d.as_secs())
+    };
+    humantime::format_duration(d).to_string()
 }

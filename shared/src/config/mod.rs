@@ -217,6 +217,43 @@ impl Settings {
         if self.transport.url.is_empty() {
             return bad("transport.url", "must not be empty");
         }
+        self.validate_telemetry()
+    }
+
+    /// The `[telemetry]` values that types alone do not check.
+    fn validate_telemetry(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(Error::Config(format!("key `{key}`: {why}")));
+        let t = &self.telemetry;
+        // A label value: any text Prometheus and CloudWatch take, kept short (it is on every
+        // series) and on one line.
+        if t.version.len() > 128 || t.version.chars().any(char::is_control) {
+            return bad(
+                "telemetry.version",
+                "must be at most 128 bytes of text without control characters",
+            );
+        }
+        if !t.queue_poll_interval.is_zero() && t.queue_poll_interval < Duration::from_secs(1) {
+            return bad(
+                "telemetry.queue_poll_interval",
+                "must be at least 1s (or 0s: never)",
+            );
+        }
+        // CloudWatch's rules for a namespace (PutMetricData): 1 to 255 of these characters,
+        // not only spaces, and not AWS's own prefix.
+        let ns = &t.emf_namespace;
+        let allowed = |c: char| c.is_ascii_alphanumeric() || ".-_/#: ".contains(c);
+        if ns.is_empty()
+            || ns.len() > 255
+            || ns.trim().is_empty()
+            || !ns.chars().all(allowed)
+            || ns.starts_with("AWS/")
+        {
+            return bad(
+                "telemetry.emf_namespace",
+                "must be 1 to 255 of A-Z a-z 0-9 . - _ / # : and space, not only spaces, \
+                 and not start with AWS/",
+            );
+        }
         Ok(())
     }
 
@@ -387,6 +424,46 @@ mod tests {
             load("[fault]\n", &[], &[]).is_ok(),
             "an empty table names no fault"
         );
+    }
+
+    #[test]
+    fn telemetry_keys_default_and_bad_values_name_the_key() {
+        let s = load("", &[], &[]).unwrap();
+        assert_eq!(s.telemetry.version, "");
+        assert_eq!(s.telemetry.queue_poll_interval, Duration::from_secs(15));
+        assert_eq!(s.telemetry.emf_namespace, "Sluice");
+        let s = load(
+            "[telemetry]\nemf_namespace = \"Team/Payments\"\n",
+            &[("SLUICE__TELEMETRY__VERSION", "1.4.0-rc.1")],
+            &["telemetry.queue_poll_interval=0s"],
+        )
+        .unwrap();
+        assert_eq!(s.telemetry.version, "1.4.0-rc.1");
+        assert_eq!(s.telemetry.emf_namespace, "Team/Payments");
+        assert!(s.telemetry.queue_poll_interval.is_zero());
+        for (flag, key) in [
+            (
+                "telemetry.queue_poll_interval=200ms",
+                "telemetry.queue_poll_interval",
+            ),
+            (
+                "telemetry.queue_poll_interval=often",
+                "telemetry.queue_poll_interval",
+            ),
+            ("telemetry.emf_namespace=", "telemetry.emf_namespace"),
+            (
+                "telemetry.emf_namespace=AWS/Lambda",
+                "telemetry.emf_namespace",
+            ),
+            ("telemetry.emf_namespace=a|b", "telemetry.emf_namespace"),
+        ] {
+            let err = load("", &[], &[flag]).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{flag}: {err}");
+        }
+        let err = load("", &[("SLUICE__TELEMETRY__VERSION", "a\nb")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`telemetry.version`"), "{err}");
     }
 
     #[test]

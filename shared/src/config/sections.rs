@@ -337,6 +337,19 @@ pub struct TelemetrySettings {
     /// `0.0.0.0:9090`; empty (the default) = no listener.
     #[serde(with = "listen_addr")]
     pub listen: Option<std::net::SocketAddr>,
+    /// The `version` label of every series and the `version` of every EMF document, so that a
+    /// canary and the stable version can be told apart. Empty (the default): Lambda's
+    /// `AWS_LAMBDA_FUNCTION_VERSION` in Lambda mode, else the version the function declared
+    /// (`Function::version`), else Sluice's own.
+    pub version: String,
+    /// How often `run` reads the queue's depths and its oldest message's age from the
+    /// transport for `/metrics` (`sluice_queue_messages`, `sluice_queue_oldest_age_seconds`),
+    /// while `telemetry.listen` is set; `0s` = never.
+    #[serde(with = "humantime_serde")]
+    pub queue_poll_interval: Duration,
+    /// The CloudWatch namespace of Lambda mode's embedded metric format documents (the
+    /// generated alarms read the same key).
+    pub emf_namespace: String,
 }
 
 impl Default for TelemetrySettings {
@@ -345,6 +358,9 @@ impl Default for TelemetrySettings {
             log_format: LogFormat::Json,
             log_level: "info".into(),
             listen: None,
+            version: String::new(),
+            queue_poll_interval: Duration::from_secs(15),
+            emf_namespace: "Sluice".into(),
         }
     }
 }

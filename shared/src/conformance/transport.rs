@@ -15,7 +15,7 @@ use std::{
 use super::{poll_until, unique};
 use crate::{
     error::Error,
-    message::{Failure, FailureClass, OutgoingMessage, RedriveFilter},
+    message::{Failure, FailureClass, OldestAge, OutgoingMessage, RedriveFilter},
     transport::{Transport, TransportOptions},
 };
 
@@ -388,7 +388,9 @@ where
     assert_eq!(seen.len(), MESSAGES, "no message handled twice");
 }
 
-/// Stats count ready, in-flight, delayed and dead-lettered messages.
+/// Stats count ready, in-flight, delayed and dead-lettered messages, and tell the oldest
+/// ready message's age, or say why they cannot: the age grows while a message waits and is
+/// zero once none is ready (a delayed one is not ready).
 pub async fn stats_count_each_state<T, F, Fut>(make: F)
 where
     T: Transport,
@@ -420,6 +422,23 @@ where
         "{s:?}"
     );
     t.ack(&a).await.unwrap();
+    match s.oldest_ready {
+        OldestAge::Unknown(why) => assert!(!why.is_empty()),
+        OldestAge::Known(_) => {
+            // The third message is still ready: its age grows (polled, not slept for).
+            let waited = Duration::from_millis(50);
+            poll_until(REDELIVERY_TIMEOUT, "the oldest age to grow", || async {
+                let age = t.stats().await.unwrap().oldest_ready.known()?;
+                (age >= waited).then_some(())
+            })
+            .await;
+            let c = receive_one(&t).await;
+            let s = t.stats().await.unwrap();
+            assert_eq!(s.ready, 0, "{s:?}");
+            assert_eq!(s.oldest_ready, OldestAge::Known(Duration::ZERO), "{s:?}");
+            t.ack(&c).await.unwrap();
+        }
+    }
 }
 
 /// A message put on the queue by a raw client of the broker, not through the adapter.

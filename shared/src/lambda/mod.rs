@@ -16,12 +16,14 @@
 //! - **Panics** are caught per record: one record fails, never the whole batch.
 //! - **Malformed events** (not an SQS event) fail the invocation with a clear error: Lambda
 //!   keeps the messages and delivers them again, nothing is lost.
+//! - **Metrics**: one CloudWatch EMF document per invocation on stdout ([`emf`]).
 
 use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+mod emf;
 mod record;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
@@ -34,7 +36,7 @@ use crate::{
     function::Definition,
     telemetry::init_logging,
     transport::AnyTransport,
-    worker::{Budget, Runtime},
+    worker::{Budget, RecordOutcome, Runtime},
 };
 
 /// Kept from the invocation's remaining time for settling records and sending the response.
@@ -106,6 +108,10 @@ pub(crate) async fn handle_event(
         unreachable!("serve() checked transport.kind");
     };
     let keeps_original = queue.config().fifo;
+    let records = sqs.records.len() as u64;
+    // `lambda_runtime::run` serves one invocation at a time, so what the process counter
+    // gains meanwhile is this invocation's.
+    let panics_before = rt.metrics.panics.load(Relaxed);
 
     // Records grouped by message group (FIFO); on a standard queue every record is its own.
     let mut groups: Vec<(String, Vec<SqsMessage>)> = Vec::new();
@@ -132,12 +138,12 @@ pub(crate) async fn handle_event(
         let (rt, slots) = (rt.clone(), slots.clone());
         let task = tasks.spawn(async move {
             let _slot = slots.acquire_owned().await.expect("semaphore never closed");
-            let mut failed: Vec<String> = Vec::new();
+            let mut ended: Vec<(String, RecordEnd)> = Vec::new();
             for record in records {
                 let id = record.message_id.clone().unwrap_or_default();
-                if !failed.is_empty() {
+                if ended.iter().any(|(_, end)| end.reported()) {
                     // FIFO: a failure holds back the rest of its group.
-                    failed.push(id);
+                    ended.push((id, RecordEnd::NotRun));
                     continue;
                 }
                 let AnyTransport::Sqs(queue) = rt.transport() else { unreachable!() };
@@ -145,40 +151,102 @@ pub(crate) async fn handle_event(
                     Ok(d) => d,
                     Err(e) => {
                         tracing::error!(message_id = %id, error = %e.report(), "record cannot be read; reported as failed");
-                        failed.push(id);
+                        ended.push((id, RecordEnd::NotRun));
                         continue;
                     }
                 };
                 // Its own task, so a panic anywhere in the pipeline fails this record only.
                 let rt2 = rt.clone();
+                let started = Instant::now();
                 let run = tokio::spawn(async move {
                     rt2.process_record(delivery, budget, keeps_original).await
                 });
-                match run.await {
-                    Ok(false) => {}
-                    Ok(true) => failed.push(id),
+                let end = match run.await {
+                    Ok(outcome) => RecordEnd::Ran(outcome, started.elapsed()),
                     Err(e) => {
                         tracing::error!(message_id = %id, error = %e, "record processing panicked; reported as failed");
-                        failed.push(id);
+                        RecordEnd::Failed(started.elapsed())
                     }
-                }
+                };
+                ended.push((id, end));
             }
-            failed
+            ended
         });
         ids_of.insert(task.id(), ids);
     }
     let mut response = SqsBatchResponse::default();
+    let mut inv = emf::Invocation {
+        records,
+        ..emf::Invocation::default()
+    };
     while let Some(done) = tasks.join_next_with_id().await {
-        let failed = match done {
-            Ok((_, failed)) => failed,
+        let ended = match done {
+            Ok((_, ended)) => ended,
             // Should the group's own task die, every record of the group comes back.
-            Err(e) => ids_of.remove(&e.id()).unwrap_or_default(),
+            Err(e) => ids_of
+                .remove(&e.id())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| (id, RecordEnd::NotRun))
+                .collect(),
         };
-        for id in failed {
-            response.add_failure(id);
+        for (id, end) in ended {
+            end.count(&mut inv);
+            if end.reported() {
+                response.add_failure(id);
+            }
         }
     }
+    inv.panics = rt
+        .metrics
+        .panics
+        .load(Relaxed)
+        .saturating_sub(panics_before);
+    let labels = rt.metrics.labels();
+    let who = emf::Identity {
+        namespace: &rt.settings().telemetry.emf_namespace,
+        function: &labels.function,
+        queue: &labels.queue,
+        version: &labels.version,
+        request_id: &event.context.request_id,
+    };
+    emf::emit(&who, &inv, now_ms());
     Ok(response)
+}
+
+/// How one record of the batch ended.
+enum RecordEnd {
+    /// Through the pipeline, in this time.
+    Ran(RecordOutcome, Duration),
+    /// The pipeline panicked after this time: reported.
+    Failed(Duration),
+    /// Not run (held back behind a failure of its FIFO group, or unreadable): reported.
+    NotRun,
+}
+
+impl RecordEnd {
+    fn reported(&self) -> bool {
+        match self {
+            RecordEnd::Ran(outcome, _) => outcome.reported(),
+            RecordEnd::Failed(_) | RecordEnd::NotRun => true,
+        }
+    }
+
+    /// Its part of the EMF document: every record that comes back counts as retried.
+    fn count(&self, inv: &mut emf::Invocation) {
+        let counter = match self {
+            RecordEnd::Ran(RecordOutcome::Succeeded, _) => &mut inv.succeeded,
+            RecordEnd::Ran(RecordOutcome::Duplicate, _) => &mut inv.duplicates,
+            RecordEnd::Ran(RecordOutcome::DeadLettered, _) => &mut inv.dead_lettered,
+            RecordEnd::Ran(RecordOutcome::Retried { .. } | RecordOutcome::Returned, _)
+            | RecordEnd::Failed(_)
+            | RecordEnd::NotRun => &mut inv.retried,
+        };
+        *counter += 1;
+        if let RecordEnd::Ran(_, took) | RecordEnd::Failed(took) = self {
+            inv.durations.push(*took);
+        }
+    }
 }
 
 /// Lambda sends the deadline as Unix epoch milliseconds; `cargo lambda watch` sends the time

@@ -1,4 +1,6 @@
-//! The in-process counters behind `/metrics`, `run --summary` and the demo table.
+//! The in-process counters behind `/metrics` ([`super::exposition`]), `run --summary` and the
+//! demo table: the metrics contract's counters by outcome and error class, its three
+//! histograms, and the queue's state as last polled.
 
 use std::{
     collections::BTreeMap,
@@ -6,15 +8,108 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hdrhistogram::Histogram;
+use hdrhistogram::Histogram as HdrHistogram;
 use serde::Serialize;
 
-use crate::sync::Mutex;
+use super::histogram::Histogram;
+use crate::{envelope::FailureClass, message::QueueStats, sync::Mutex};
+
+/// The labels every series carries: which function, on which queue, at which version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels {
+    /// The function's name.
+    pub function: String,
+    /// Its work queue.
+    pub queue: String,
+    /// `telemetry.version` as resolved at start.
+    pub version: String,
+}
+
+/// How a delivery was settled: the `outcome` label of `sluice_messages_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler succeeded; acked.
+    Succeeded,
+    /// Already done (the idempotency record replayed); acked without running the handler.
+    Duplicate,
+    /// Sent back to the broker to be tried again later.
+    Retried,
+    /// Moved to the dead-letter queue.
+    DeadLettered,
+    /// Put back at shutdown, untried.
+    Released,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Retried => "retried",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Released => "released",
+        }
+    }
+}
+
+/// Why a delivery was not a success: the `error_class` label of `sluice_messages_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// No error.
+    None,
+    /// A transient failure: an error, a timeout, a panic, a store outage.
+    Transient,
+    /// Bad input or a business rejection.
+    Permanent,
+    /// The handler (its downstream) asked to come back after a delay.
+    RetryAfter,
+    /// Delivered too often without being settled. Counted by no worker: the broker's guard
+    /// moves these without a worker seeing them (they show in `sluice_queue_messages`).
+    CrashLoop,
+}
+
+impl ErrorClass {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::None => "none",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::RetryAfter => "retry_after",
+            ErrorClass::CrashLoop => "crash_loop",
+        }
+    }
+}
+
+impl From<FailureClass> for ErrorClass {
+    fn from(c: FailureClass) -> Self {
+        match c {
+            FailureClass::Transient => ErrorClass::Transient,
+            FailureClass::Permanent => ErrorClass::Permanent,
+            FailureClass::CrashLoop => ErrorClass::CrashLoop,
+        }
+    }
+}
+
+/// Every (outcome, error class) a worker settles a delivery with. Each has its counter from
+/// the start, at 0, so that `rate()` sees the first increment (a series that appears at 1
+/// has no earlier sample to rise from).
+pub const SETTLED: [(Outcome, ErrorClass); 7] = [
+    (Outcome::Succeeded, ErrorClass::None),
+    (Outcome::Duplicate, ErrorClass::None),
+    (Outcome::Retried, ErrorClass::Transient),
+    (Outcome::Retried, ErrorClass::RetryAfter),
+    (Outcome::DeadLettered, ErrorClass::Transient),
+    (Outcome::DeadLettered, ErrorClass::Permanent),
+    (Outcome::Released, ErrorClass::None),
+];
 
 /// Counters of one worker process.
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
+    labels: Labels,
     /// Deliveries received.
     pub received: AtomicU64,
     /// Handler succeeded and the message was acked.
@@ -33,29 +128,24 @@ pub struct Metrics {
     pub released: AtomicU64,
     /// Messages being worked now.
     pub in_flight: AtomicU64,
-    dead_letter_reasons: Mutex<BTreeMap<String, u64>>,
-    latency_us: Mutex<Histogram<u64>>,
+    /// Settled deliveries, one counter per entry of [`SETTLED`].
+    settled: [AtomicU64; SETTLED.len()],
+    dead_letter_reasons: Mutex<BTreeMap<&'static str, u64>>,
+    /// Receive to settle, at 3 significant digits, for the summary's percentiles.
+    latency_us: Mutex<HdrHistogram<u64>>,
+    /// Each handler try.
+    pub handler_duration: Histogram,
+    /// Receive to settle.
+    pub process_duration: Histogram,
+    /// From when a message was due (or published) to the start of its pipeline.
+    pub message_age: Histogram,
+    /// The queue as last polled (`None`: not yet, or the last poll failed).
+    queue: Mutex<Option<QueueStats>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            received: AtomicU64::new(0),
-            succeeded: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            immediate_retries: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            duplicates_skipped: AtomicU64::new(0),
-            panics: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            dead_letter_reasons: Mutex::new(BTreeMap::new()),
-            // 1 us .. 1 h at 3 significant digits.
-            latency_us: Mutex::new(
-                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds"),
-            ),
-        }
+        Self::new(Labels::default())
     }
 }
 
@@ -65,34 +155,94 @@ pub fn inc(c: &AtomicU64) {
 }
 
 impl Metrics {
-    /// Records a dead letter under a short reason label.
-    pub fn dead_letter_reason(&self, label: &str) {
-        inc(&self.dead_lettered);
-        *self
-            .dead_letter_reasons
-            .lock()
-            .entry(label.to_owned())
-            .or_default() += 1;
+    /// Counters at zero, for the series labelled `labels`.
+    pub fn new(labels: Labels) -> Self {
+        Self {
+            started: Instant::now(),
+            labels,
+            received: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            immediate_retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            duplicates_skipped: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            settled: Default::default(),
+            dead_letter_reasons: Mutex::new(BTreeMap::new()),
+            // 1 us .. 1 h at 3 significant digits.
+            latency_us: Mutex::new(
+                HdrHistogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds"),
+            ),
+            handler_duration: Histogram::default(),
+            process_duration: Histogram::default(),
+            message_age: Histogram::default(),
+            queue: Mutex::new(None),
+        }
+    }
+
+    /// The labels of this process's series.
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// A delivery reached the pipeline after waiting `waited` for it.
+    pub fn on_receive(&self, waited: Duration) {
+        inc(&self.received);
+        self.message_age.observe(waited);
+    }
+
+    /// A delivery was settled so.
+    pub fn settled(&self, outcome: Outcome, class: ErrorClass) {
+        if let Some(i) = SETTLED.iter().position(|&p| p == (outcome, class)) {
+            inc(&self.settled[i]);
+        }
+        inc(match outcome {
+            Outcome::Succeeded => &self.succeeded,
+            Outcome::Duplicate => &self.duplicates_skipped,
+            Outcome::Retried => &self.retried,
+            Outcome::DeadLettered => &self.dead_lettered,
+            Outcome::Released => &self.released,
+        });
+    }
+
+    /// A delivery was dead-lettered, with its class and short reason label (a fixed text of
+    /// the code, so the set of labels is bounded).
+    pub fn dead_lettered(&self, class: FailureClass, reason: &'static str) {
+        self.settled(Outcome::DeadLettered, class.into());
+        *self.dead_letter_reasons.lock().entry(reason).or_default() += 1;
+    }
+
+    /// The settled counters, in [`SETTLED`] order.
+    pub fn settled_counts(&self) -> impl Iterator<Item = (Outcome, ErrorClass, u64)> + '_ {
+        SETTLED
+            .iter()
+            .zip(&self.settled)
+            .map(|(&(o, c), n)| (o, c, n.load(Relaxed)))
+    }
+
+    /// Dead letters by reason label.
+    pub fn dead_letter_reasons(&self) -> BTreeMap<&'static str, u64> {
+        self.dead_letter_reasons.lock().clone()
     }
 
     /// Records the time from receive to settle.
     pub fn observe(&self, d: Duration) {
+        self.process_duration.observe(d);
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
         let _ = self.latency_us.lock().record(us);
     }
 
-    /// Receive-to-settle latency for `/metrics` (serve.rs): observations, their sum in
-    /// seconds (from the histogram's mean, so within its 3 significant digits), and the
-    /// value in seconds at each of `quantiles`.
-    pub fn latency(&self, quantiles: &[f64]) -> (u64, f64, Vec<f64>) {
-        let h = self.latency_us.lock();
-        let count = h.len();
-        let sum = h.mean() * count as f64 / 1e6;
-        let at = quantiles
-            .iter()
-            .map(|&q| h.value_at_quantile(q) as f64 / 1e6)
-            .collect();
-        (count, sum, at)
+    /// The queue as just polled, or `None` when the poll failed (its gauges then disappear
+    /// rather than show stale values).
+    pub fn set_queue(&self, stats: Option<QueueStats>) {
+        *self.queue.lock() = stats;
+    }
+
+    /// The queue as last polled.
+    pub fn queue(&self) -> Option<QueueStats> {
+        *self.queue.lock()
     }
 
     /// A snapshot for `run --summary`.
@@ -112,7 +262,11 @@ impl Metrics {
             duplicates_skipped: self.duplicates_skipped.load(Relaxed),
             panics: self.panics.load(Relaxed),
             released: self.released.load(Relaxed),
-            dead_letter_reasons: self.dead_letter_reasons.lock().clone(),
+            dead_letter_reasons: self
+                .dead_letter_reasons()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
             elapsed_s: elapsed,
             settled_per_s: if elapsed > 0.0 {
                 settled as f64 / elapsed
@@ -157,4 +311,31 @@ pub struct RunSummary {
     pub p95_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settling_counts_the_pair_and_the_summary_counter() {
+        let m = Metrics::default();
+        m.settled(Outcome::Succeeded, ErrorClass::None);
+        m.settled(Outcome::Retried, ErrorClass::RetryAfter);
+        m.dead_lettered(FailureClass::Permanent, "malformed JSON");
+        m.dead_lettered(FailureClass::Permanent, "malformed JSON");
+        let counts: Vec<_> = m.settled_counts().filter(|c| c.2 > 0).collect();
+        assert_eq!(
+            counts,
+            [
+                (Outcome::Succeeded, ErrorClass::None, 1),
+                (Outcome::Retried, ErrorClass::RetryAfter, 1),
+                (Outcome::DeadLettered, ErrorClass::Permanent, 2),
+            ]
+        );
+        assert_eq!(m.settled_counts().count(), SETTLED.len(), "all start at 0");
+        let s = m.summary();
+        assert_eq!((s.succeeded, s.retried, s.dead_lettered), (1, 1, 2));
+        assert_eq!(s.dead_letter_reasons["malformed JSON"], 2);
+    }
 }

@@ -1,7 +1,10 @@
 //! Logs (tracing, JSON by default), the panic hook, the counters of one worker
-//! ([`metrics`]) and what the probes report ([`health`]).
+//! ([`metrics`], with its [`histogram`]s and their Prometheus text, [`exposition`]) and what
+//! the probes report ([`health`]).
 
+pub mod exposition;
 pub mod health;
+pub mod histogram;
 pub mod metrics;
 
 use std::{
@@ -13,7 +16,7 @@ use std::{
 
 use tracing_subscriber::EnvFilter;
 
-pub use self::metrics::{inc, Metrics, RunSummary};
+pub use self::metrics::{inc, ErrorClass, Labels, Metrics, Outcome, RunSummary};
 use crate::config::{LogFormat, TelemetrySettings};
 
 /// Installs the global subscriber (logs to stderr; stdout is for command output) and the

@@ -213,7 +213,11 @@ impl Handle<'_> {
             self.job.call(input, info).await
         };
         let call = HandlerScope(Box::pin(call));
-        match tokio::time::timeout(timeout, AssertUnwindSafe(call).catch_unwind()).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, AssertUnwindSafe(call).catch_unwind()).await;
+        // Every try, whatever its end: a timeout's or a panic's time is time the handler took.
+        self.metrics.handler_duration.observe(started.elapsed());
+        match result {
             Err(_) => Err(HandlerError::transient(format!(
                 "handler timed out after {timeout:?}"
             ))),

@@ -86,6 +86,7 @@ impl Runtime {
             "worker started"
         );
         let mut transport_errors = 0u32;
+        let _poller = self.spawn_queue_poller();
         let source: Arc<dyn Source> = self.clone();
         self.health
             .intake_started(Arc::downgrade(&source), &self.settings, &shutdown);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub(crate) use self::call::Handle;
 pub use self::intake::RunOptions;
 #[cfg(feature = "lambda")]
-pub(crate) use self::pipeline::Budget;
+pub(crate) use self::pipeline::{Budget, RecordOutcome};
 use crate::{
     breaker::{BreakerState, CircuitBreaker},
     config::Settings,
@@ -25,8 +25,8 @@ use crate::{
     ratelimit::RateLimiter,
     retry::RetryPolicy,
     store::front::StoreFront,
-    telemetry::{health::Health, Metrics},
-    transport::AnyTransport,
+    telemetry::{health::Health, Labels, Metrics},
+    transport::{AnyTransport, Transport},
 };
 
 /// Everything a worker needs, built once at start-up (`Function::build`, `run`, Lambda mode).
@@ -58,6 +58,11 @@ pub(crate) struct Parts {
 
 impl Runtime {
     pub(crate) fn new(p: Parts) -> Self {
+        let labels = Labels {
+            function: p.function.clone(),
+            queue: p.settings.queue.clone(),
+            version: p.settings.telemetry.version.clone(),
+        };
         Runtime {
             policy: RetryPolicy::new(p.settings.retry.clone()),
             breaker: CircuitBreaker::new(p.settings.breaker.clone()),
@@ -68,7 +73,7 @@ impl Runtime {
             store: p.store,
             job: p.job,
             schema_versions: p.schema_versions,
-            metrics: Metrics::default(),
+            metrics: Metrics::new(labels),
             health: p.health,
         }
     }
@@ -88,10 +93,45 @@ impl Runtime {
         self.breaker.state()
     }
 
+    /// Polls the queue's depths and oldest age into the metrics every
+    /// `telemetry.queue_poll_interval` while the worker runs, when something serves them
+    /// (`telemetry.listen`). One `stats` call a poll: a few cheap broker calls, whatever the
+    /// number of messages. The task ends when the returned guard is dropped.
+    pub(crate) fn spawn_queue_poller(self: &Arc<Self>) -> Option<AbortOnDrop> {
+        let every = self.settings.telemetry.queue_poll_interval;
+        if every.is_zero() || self.settings.telemetry.listen.is_none() {
+            return None;
+        }
+        let rt = self.clone();
+        Some(AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match rt.transport.stats().await {
+                    Ok(s) => rt.metrics.set_queue(Some(s)),
+                    Err(e) => {
+                        tracing::warn!(error = %e.report(), "could not read the queue's stats for /metrics");
+                        rt.metrics.set_queue(None);
+                    }
+                }
+            }
+        })))
+    }
+
     /// Runs the handler once on a body (the `invoke` command): no receive, no idempotency
     /// record, no immediate retries, no settling. The handler's own effects are real.
     pub async fn invoke(&self, body: &[u8]) -> Result<Vec<u8>, HandlerError> {
         self.handle().invoke(body).await
+    }
+}
+
+/// A task aborted when this is dropped (on every way out of `run`, errors included).
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

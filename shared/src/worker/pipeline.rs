@@ -3,7 +3,7 @@
 
 use std::{
     sync::atomic::{AtomicBool, Ordering::Relaxed},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use crate::{
     message::{header, Delivery},
     store::{check_key, fingerprint, Claim, Token},
     sync::Mutex,
-    telemetry::inc,
+    telemetry::{ErrorClass, Outcome},
     transport::Transport,
 };
 
@@ -48,10 +48,18 @@ const IN_PROGRESS_FIRST_LOOK: Duration = Duration::from_millis(50);
 pub(super) enum Verdict {
     /// Done (or a duplicate of something done): remove it.
     Ack { duplicate: bool },
-    /// Deliver again later.
-    Retry { delay: Duration, failure: Failure },
+    /// Deliver again later; `paced`: because the handler asked for this delay (`RetryAfter`),
+    /// not because something failed (the `error_class` of the metrics).
+    Retry {
+        delay: Duration,
+        failure: Failure,
+        paced: bool,
+    },
     /// Give up on it, with the reason; `label` groups reasons in metrics.
-    DeadLetter { failure: Failure, label: String },
+    DeadLetter {
+        failure: Failure,
+        label: &'static str,
+    },
     /// Shutdown past grace: put it back now.
     Release,
     /// Our lease is gone; the message belongs to another consumer now.
@@ -132,7 +140,7 @@ impl Runtime {
         let prepared = self.prepare(&d);
         let span = self.span(&d, prepared.as_ref().ok().map(|(_, key)| key.as_str()));
         async {
-            inc(&self.metrics.received);
+            self.metrics.on_receive(d.waited(SystemTime::now()));
             self.metrics.in_flight.fetch_add(1, Relaxed);
             let held: HeldClaim = Mutex::new(None);
             let cancel = CancellationToken::new();
@@ -187,12 +195,12 @@ impl Runtime {
         d: Delivery,
         budget: Budget,
         retry_keeps_original: bool,
-    ) -> bool {
+    ) -> RecordOutcome {
         let started = Instant::now();
         let prepared = self.prepare(&d);
         let span = self.span(&d, prepared.as_ref().ok().map(|(_, key)| key.as_str()));
         async {
-            inc(&self.metrics.received);
+            self.metrics.on_receive(d.waited(SystemTime::now()));
             let held: HeldClaim = Mutex::new(None);
             let cancel = CancellationToken::new();
             let probe = AtomicBool::new(false);
@@ -204,29 +212,38 @@ impl Runtime {
                 _ = tokio::time::sleep(budget.claim_lease) => cut_short(&cancel, decide.as_mut()).await,
             };
             self.undo_unsettled(&verdict, &held, &probe).await;
-            let report = match &verdict {
+            let outcome = match &verdict {
                 Verdict::Ack { duplicate } => {
-                    inc(if *duplicate {
-                        &self.metrics.duplicates_skipped
+                    let outcome = if *duplicate {
+                        Outcome::Duplicate
                     } else {
-                        &self.metrics.succeeded
-                    });
-                    let outcome = if *duplicate { "duplicate" } else { "succeeded" };
-                    tracing::debug!(outcome, "settled");
-                    false
+                        Outcome::Succeeded
+                    };
+                    self.metrics.settled(outcome, ErrorClass::None);
+                    tracing::debug!(outcome = outcome.as_str(), "settled");
+                    if *duplicate {
+                        RecordOutcome::Duplicate
+                    } else {
+                        RecordOutcome::Succeeded
+                    }
                 }
                 Verdict::Release | Verdict::Abandon => {
                     tracing::info!(outcome = "returned", "left to the visibility timeout");
-                    true
+                    RecordOutcome::Returned
                 }
                 Verdict::Retry { .. } | Verdict::DeadLetter { .. } => {
                     let retry = matches!(verdict, Verdict::Retry { .. });
-                    let settled = self.settle(&d, verdict).await;
-                    !settled || (retry && retry_keeps_original)
+                    match (self.settle(&d, verdict).await, retry) {
+                        (false, _) => RecordOutcome::Returned,
+                        (true, true) => RecordOutcome::Retried {
+                            reported: retry_keeps_original,
+                        },
+                        (true, false) => RecordOutcome::DeadLettered,
+                    }
                 }
             };
             self.metrics.observe(started.elapsed());
-            report
+            outcome
         }
         .instrument(span)
         .await
@@ -397,7 +414,9 @@ impl Runtime {
                     ErrorKind::Transient => {
                         self.retry_or_give_up(d, self.policy.delayed_retry(d.attempt), e.message)
                     }
-                    ErrorKind::RetryAfter(delay) => self.retry_or_give_up(d, delay, e.message),
+                    ErrorKind::RetryAfter(delay) => {
+                        self.retry_or_give_up(d, delay, e.message).paced()
+                    }
                 }
             }
         }
@@ -478,6 +497,7 @@ impl Runtime {
         Verdict::Retry {
             delay,
             failure: Failure::now(FailureClass::Transient, reason),
+            paced: false,
         }
     }
 
@@ -504,19 +524,29 @@ impl Runtime {
         let (outcome, result) = match &verdict {
             Verdict::Ack { duplicate } => {
                 let r = self.transport.ack(d).await;
+                let outcome = if *duplicate {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::Succeeded
+                };
                 if r.is_ok() {
-                    inc(if *duplicate {
-                        &self.metrics.duplicates_skipped
-                    } else {
-                        &self.metrics.succeeded
-                    });
+                    self.metrics.settled(outcome, ErrorClass::None);
                 }
-                (if *duplicate { "duplicate" } else { "succeeded" }, r)
+                (outcome.as_str(), r)
             }
-            Verdict::Retry { delay, failure } => {
+            Verdict::Retry {
+                delay,
+                failure,
+                paced,
+            } => {
                 let r = self.transport.retry_after(d, *delay, failure).await;
                 if r.is_ok() {
-                    inc(&self.metrics.retried);
+                    let class = if *paced {
+                        ErrorClass::RetryAfter
+                    } else {
+                        ErrorClass::Transient
+                    };
+                    self.metrics.settled(Outcome::Retried, class);
                     tracing::info!(outcome = "retried", delay = ?delay, reason = %failure.reason, "retry scheduled");
                 }
                 ("retried", r)
@@ -524,7 +554,7 @@ impl Runtime {
             Verdict::DeadLetter { failure, label } => {
                 let r = self.transport.dead_letter(d, failure).await;
                 if r.is_ok() {
-                    self.metrics.dead_letter_reason(label);
+                    self.metrics.dead_lettered(failure.class, label);
                     tracing::warn!(outcome = "dead_lettered", class = failure.class.as_str(), reason = %failure.reason, "dead-lettered");
                 }
                 ("dead_lettered", r)
@@ -532,7 +562,7 @@ impl Runtime {
             Verdict::Release => {
                 let r = self.transport.release(d).await;
                 if r.is_ok() {
-                    inc(&self.metrics.released);
+                    self.metrics.settled(Outcome::Released, ErrorClass::None);
                 }
                 ("released", r)
             }
@@ -558,9 +588,51 @@ impl Runtime {
     }
 }
 
-fn dead_letter(class: FailureClass, label: &str, reason: impl Into<String>) -> Verdict {
+fn dead_letter(class: FailureClass, label: &'static str, reason: impl Into<String>) -> Verdict {
     Verdict::DeadLetter {
         failure: Failure::now(class, reason),
-        label: label.to_owned(),
+        label,
+    }
+}
+
+impl Verdict {
+    /// A retry the handler asked for (`RetryAfter`); anything else unchanged.
+    fn paced(self) -> Self {
+        match self {
+            Verdict::Retry { delay, failure, .. } => Verdict::Retry {
+                delay,
+                failure,
+                paced: true,
+            },
+            other => other,
+        }
+    }
+}
+
+/// How one record of a Lambda invocation ended (its part of the invocation's EMF document).
+#[cfg(feature = "lambda")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordOutcome {
+    /// Done; Lambda deletes it.
+    Succeeded,
+    /// Already done; Lambda deletes it.
+    Duplicate,
+    /// To be tried again: a delayed copy replaced it, or (`reported`, FIFO) its own
+    /// visibility was set to the delay and it is reported in `batchItemFailures`.
+    Retried { reported: bool },
+    /// Sent to the DLQ; Lambda deletes it.
+    DeadLettered,
+    /// Reported, left to the visibility timeout: out of time, lease lost, or a settle failed.
+    Returned,
+}
+
+#[cfg(feature = "lambda")]
+impl RecordOutcome {
+    /// Whether the record goes into `batchItemFailures`.
+    pub(crate) fn reported(self) -> bool {
+        matches!(
+            self,
+            RecordOutcome::Retried { reported: true } | RecordOutcome::Returned
+        )
     }
 }

@@ -403,3 +403,101 @@ fn invoke_runs_each_record_of_an_sqs_event_and_prints_the_batch_response() {
         2
     );
 }
+
+/// Sends SIGINT, as Ctrl-C in a terminal does.
+fn sigint(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn stats_tells_the_oldest_ready_age_and_it_grows_while_the_message_waits() {
+    let (_dir, sb, bin) = setup();
+    let stats = json(&sb, &bin, &["stats", "--json"]);
+    assert_eq!(stats["oldest_ready_age_s"], 0.0, "an empty queue: {stats}");
+    assert!(stats.get("oldest_ready_age_unknown").is_none(), "{stats}");
+    ok(&sb, &bin, &["send", &BODY.replace("{{seq}}", "old")]);
+    let age = |sb: &Sandbox| {
+        json(sb, &bin, &["stats", "--json"])["oldest_ready_age_s"]
+            .as_f64()
+            .unwrap()
+    };
+    let first = age(&sb);
+    crate::support::poll_blocking(
+        std::time::Duration::from_secs(10),
+        "the age to grow",
+        || (age(&sb) > first).then_some(()),
+    );
+    let table = ok(&sb, &bin, &["stats"]);
+    assert!(
+        table.lines().any(|l| l.starts_with("oldest_ready   ")),
+        "{table}"
+    );
+}
+
+#[test]
+fn stats_watch_prints_a_reading_a_line_until_ctrl_c() {
+    use std::io::BufRead;
+
+    let (_dir, sb, bin) = setup();
+    let mut watch = sb
+        .command(
+            &bin,
+            &["stats", "--watch", "--interval", "100ms", "--json"],
+            "cli.log",
+        )
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next = || -> serde_json::Value {
+        serde_json::from_str(&lines.next().expect("a reading").unwrap()).unwrap()
+    };
+    let first = next();
+    assert_eq!(first["ready"], 0, "{first}");
+    assert!(first["at"].is_string(), "{first}");
+    ok(&sb, &bin, &["send", &BODY.replace("{{seq}}", "watched")]);
+    // Each later reading is a new line; one of them sees the message.
+    let seen = (0..200).map(|_| next()).find(|r| r["ready"] == 1);
+    assert!(seen.is_some(), "the watch never saw the message");
+    sigint(&watch);
+    let status = watch.wait().unwrap();
+    assert!(
+        status.success(),
+        "Ctrl-C ends the watch cleanly: {status:?}"
+    );
+
+    // To a pipe without --json: one line a reading.
+    let mut watch = sb
+        .command(
+            &bin,
+            &["stats", "--watch", "--interval", "100ms"],
+            "cli.log",
+        )
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until the watch has ended: a closed pipe would end it first.
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    assert!(
+        line.contains("ready=1 ") && line.contains("oldest_ready="),
+        "{line}"
+    );
+    sigint(&watch);
+    assert!(watch.wait().unwrap().success());
+    drop(lines);
+
+    // A watch interval below 100 ms, or an interval without --watch, is bad usage.
+    for args in [
+        &["stats", "--watch", "--interval", "10ms"][..],
+        &["stats", "--interval", "2s"][..],
+    ] {
+        assert_eq!(run(&sb, &bin, args).status.code(), Some(2), "{args:?}");
+    }
+}

@@ -13,7 +13,7 @@ use std::{
 
 use sluice_tests::{function_binary, ledger_counts, Sandbox};
 
-use crate::support::{free_port, poll_blocking, sigterm, KillOnDrop};
+use crate::support::{free_port, metric_sample, poll_blocking, sigterm, KillOnDrop};
 
 const BODY: &str =
     r#"{"payment_id":"h-{{seq}}","amount_cents":700,"currency":"EUR","customer":"c"}"#;
@@ -31,18 +31,27 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_owned()))
 }
 
-/// The value of one sample line, e.g. `sluice_received_total{function="charge-payment"}`.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+/// The labels every series of the worker carries. The version is charge-payment's crate
+/// version (`Function::version`), which is the workspace's, as this crate's is.
+const LABELS: [(&str, &str); 3] = [
+    ("function", "charge-payment"),
+    ("queue", "charge-payment"),
+    ("version", env!("CARGO_PKG_VERSION")),
+];
+
+/// One sample of the worker's series, with `extra` labels beyond [`LABELS`].
+fn sample(metrics: &str, name: &str, extra: &[(&str, &str)]) -> Option<f64> {
+    let labels: Vec<(&str, &str)> = LABELS.iter().chain(extra).copied().collect();
+    metric_sample(metrics, name, &labels)
 }
 
-fn counter(port: u16, name: &str) -> Option<f64> {
+fn counter(port: u16, name: &str, extra: &[(&str, &str)]) -> Option<f64> {
     let (status, body) = get(port, "/metrics")?;
     assert_eq!(status, 200, "{body}");
-    sample(&body, &format!("{name}{{function=\"charge-payment\"}}"))
+    sample(&body, name, extra)
 }
+
+const SUCCEEDED: [(&str, &str); 2] = [("outcome", "succeeded"), ("error_class", "none")];
 
 fn send(sandbox: &Sandbox, bin: &Path, count: u32, first: u32) {
     let body = BODY.replace("{{seq}}", &format!("{first}-{{{{seq}}}}"));
@@ -96,38 +105,61 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
 
     // The counters say exactly what happened: 5 received, 5 succeeded, nothing else.
     poll_blocking(DEADLINE, "5 messages settled", || {
-        (counter(port, "sluice_succeeded_total")? == 5.0).then_some(())
+        (counter(port, "sluice_messages_total", &SUCCEEDED)? == 5.0).then_some(())
     });
     let (_, metrics) = get(port, "/metrics").unwrap();
-    for (name, want) in [
-        ("sluice_received_total", 5.0),
-        ("sluice_succeeded_total", 5.0),
-        ("sluice_retried_total", 0.0),
-        ("sluice_dead_lettered_total", 0.0),
-        ("sluice_duplicates_skipped_total", 0.0),
-        ("sluice_in_flight", 0.0),
-        ("sluice_latency_seconds_count", 5.0),
-        ("sluice_ready", 1.0),
+    let outcome = |o, c| [("outcome", o), ("error_class", c)];
+    for (name, extra, want) in [
+        ("sluice_received_total", &[][..], 5.0),
+        ("sluice_messages_total", &SUCCEEDED[..], 5.0),
+        (
+            "sluice_messages_total",
+            &outcome("retried", "transient")[..],
+            0.0,
+        ),
+        (
+            "sluice_messages_total",
+            &outcome("dead_lettered", "permanent")[..],
+            0.0,
+        ),
+        (
+            "sluice_messages_total",
+            &outcome("duplicate", "none")[..],
+            0.0,
+        ),
+        ("sluice_in_flight", &[], 0.0),
+        ("sluice_process_duration_seconds_count", &[], 5.0),
+        ("sluice_handler_duration_seconds_count", &[], 5.0),
+        ("sluice_ready", &[], 1.0),
     ] {
-        let got = sample(&metrics, &format!("{name}{{function=\"charge-payment\"}}"));
-        assert_eq!(got, Some(want), "{name} in\n{metrics}");
+        let got = sample(&metrics, name, extra);
+        assert_eq!(got, Some(want), "{name} {extra:?} in\n{metrics}");
     }
     assert!(
-        metrics.contains("# TYPE sluice_received_total counter\n"),
+        metrics.contains("# TYPE sluice_messages_total counter\n"),
         "{metrics}"
     );
-    // Each call slept 2 s in the gateway: the median latency says so.
-    let p50 = sample(
-        &metrics,
-        "sluice_latency_seconds{function=\"charge-payment\",quantile=\"0.5\"}",
-    )
-    .unwrap();
-    assert!(p50 >= 2.0, "p50 {p50} s in\n{metrics}");
+    // Each call slept 2 s in the gateway: no handler try and no delivery took 1 s or less.
+    for name in [
+        "sluice_handler_duration_seconds_bucket",
+        "sluice_process_duration_seconds_bucket",
+    ] {
+        assert_eq!(
+            sample(&metrics, name, &[("le", "1")]),
+            Some(0.0),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(&metrics, name, &[("le", "+Inf")]),
+            Some(5.0),
+            "{metrics}"
+        );
+    }
 
     // Two more, caught in flight by SIGTERM: /readyz turns 503 while they finish.
     send(&sandbox, &bin, 2, 2);
     poll_blocking(DEADLINE, "both messages in flight", || {
-        (counter(port, "sluice_in_flight")? == 2.0).then_some(())
+        (counter(port, "sluice_in_flight", &[])? == 2.0).then_some(())
     });
     sigterm(&worker.0);
     let (status, body) = poll_blocking(DEADLINE, "/readyz 503 after SIGTERM", || {
@@ -138,7 +170,7 @@ fn probes_and_metrics_follow_the_worker_from_start_to_drain() {
     let (status, _) = get(port, "/healthz").unwrap();
     assert_eq!(status, 200);
     assert_eq!(
-        counter(port, "sluice_ready"),
+        counter(port, "sluice_ready", &[]),
         Some(0.0),
         "sluice_ready follows /readyz"
     );

@@ -451,3 +451,185 @@ async fn the_same_record_in_two_invocations_is_charged_once() {
     let l = ledger(dir.path());
     assert_eq!((l.charges, l.distinct_payments), (1, 1));
 }
+
+/// The EMF documents the function wrote to stdout, in order, picked out of its log stream as
+/// CloudWatch Logs does (a JSON line with an `_aws` member).
+fn emf_documents(dir: &Path) -> Vec<Value> {
+    log(dir)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect()
+}
+
+/// One document against the EMF specification (a Timestamp; one directive whose dimension
+/// set is `[function, queue]`, each a string member; every metric defined has a numeric
+/// member, an array of at most 100 numbers for a list), against what the generated alarms
+/// read (infra/aws/charge-payment.json: namespace, metric names, dimensions), and against
+/// the batch: the outcomes add up to `Records`, with one duration per record. Returns the
+/// metric values by name.
+fn check_emf(doc: &Value, queue: &str, namespace: &str) -> serde_json::Map<String, Value> {
+    let aws = &doc["_aws"];
+    assert!(aws["Timestamp"].as_u64().is_some(), "{doc}");
+    let directives = aws["CloudWatchMetrics"].as_array().expect("directives");
+    assert_eq!(directives.len(), 1, "{doc}");
+    let directive = &directives[0];
+    assert_eq!(directive["Namespace"], namespace, "{doc}");
+    assert_eq!(
+        directive["Dimensions"],
+        serde_json::json!([["function", "queue"]])
+    );
+    assert_eq!(doc["function"], FUNCTION);
+    assert_eq!(doc["queue"], queue);
+    let mut values = serde_json::Map::new();
+    for m in directive["Metrics"].as_array().expect("metric definitions") {
+        let name = m["Name"].as_str().expect("a name");
+        let value = doc
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} has no member: {doc}"));
+        let unit = if name == "HandlerDuration" {
+            "Milliseconds"
+        } else {
+            "Count"
+        };
+        assert_eq!(m["Unit"], unit, "{name}");
+        match value {
+            Value::Number(_) => {}
+            Value::Array(a) => {
+                assert!(
+                    a.len() <= 100 && a.iter().all(Value::is_number),
+                    "{name}: {value}"
+                )
+            }
+            _ => panic!("{name} is not numeric: {value}"),
+        }
+        values.insert(name.to_owned(), value.clone());
+    }
+    let n = |k: &str| values.get(k).and_then(Value::as_u64).unwrap_or(0);
+    assert_eq!(
+        n("Records"),
+        n("Succeeded") + n("Duplicates") + n("Retried") + n("DeadLettered"),
+        "{doc}"
+    );
+    let durations = values.get("HandlerDuration").and_then(Value::as_array);
+    assert_eq!(durations.map_or(0, Vec::len) as u64, n("Records"), "{doc}");
+
+    // What the alarms of the generated template read is what the document has.
+    let template: Value = serde_json::from_str(
+        &std::fs::read_to_string(sluice_tests::repo_root().join("infra/aws/charge-payment.json"))
+            .expect("infra/aws/charge-payment.json"),
+    )
+    .unwrap();
+    let mut read = Vec::new();
+    for alarm in ["ErrorRatioAlarm", "DurationAlarm"] {
+        let p = &template["Resources"][alarm]["Properties"];
+        let metrics: Vec<&Value> = match p["Metrics"].as_array() {
+            Some(ms) => ms
+                .iter()
+                .filter_map(|m| m.pointer("/MetricStat/Metric"))
+                .collect(),
+            None => vec![p],
+        };
+        for m in metrics {
+            let dims: Vec<&str> = m["Dimensions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["Name"].as_str().unwrap())
+                .collect();
+            assert_eq!(dims, ["function", "queue"], "{alarm}");
+            read.push((m["Namespace"].clone(), m["MetricName"].clone()));
+        }
+    }
+    for (ns, name) in read {
+        assert_eq!(ns, "Sluice", "the template's namespace is the default");
+        let name = name.as_str().unwrap();
+        assert!(values.contains_key(name), "the alarms read {name}: {doc}");
+    }
+    values
+}
+
+#[tokio::test]
+async fn each_invocation_writes_one_emf_document_with_its_batch() {
+    let q = Queue::new("lam-emf", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        q.send(&charge_body(&format!("emf-{i}"), 100 + i), "g")
+            .await;
+    }
+    q.send("not json {", "g").await;
+    let msgs = q.receive(4, 60, Duration::from_secs(10)).await;
+    assert_eq!(msgs.len(), 4);
+    let good: Vec<Message> = msgs
+        .iter()
+        .filter(|m| m.body() != Some("not json {"))
+        .cloned()
+        .collect();
+    // The queue's name as the generated template gives it (the `queue` dimension the
+    // alarms read is the queue's own name).
+    let queue = [("SLUICE__QUEUE", q.name.as_str())];
+    let fx = Lambda::start(&q, dir.path(), &queue).await;
+    assert_eq!(
+        fx.invoke(&q.event(&msgs)).await.failed_ids(),
+        Vec::<String>::new()
+    );
+    // The three good records again, to the warm process: duplicates, and no cold start.
+    assert_eq!(
+        fx.invoke(&q.event(&good)).await.failed_ids(),
+        Vec::<String>::new()
+    );
+
+    let docs = emf_documents(dir.path());
+    assert_eq!(docs.len(), 2, "one a invocation; log: {}", log(dir.path()));
+    let first = check_emf(&docs[0], &q.name, "Sluice");
+    for (name, want) in [
+        ("Records", 4),
+        ("Succeeded", 3),
+        ("DeadLettered", 1),
+        ("Retried", 0),
+        ("Duplicates", 0),
+        ("Panics", 0),
+        ("ColdStart", 1),
+    ] {
+        assert_eq!(first[name], want, "{name} in {}", docs[0]);
+    }
+    // telemetry.version unset: Lambda's own version of the function.
+    assert_eq!(docs[0]["version"], "$LATEST");
+    let second = check_emf(&docs[1], &q.name, "Sluice");
+    assert_eq!(
+        (&second["Records"], &second["Duplicates"]),
+        (&3.into(), &3.into())
+    );
+    assert!(
+        !second.contains_key("ColdStart"),
+        "once a process: {}",
+        docs[1]
+    );
+    drop(fx);
+
+    // A transient failure in a new process, under a namespace of its own.
+    let dir = tempfile::tempdir().unwrap();
+    q.send(&charge_body("emf-retry", 900), "g").await;
+    let msgs = q.receive(1, 60, Duration::from_secs(10)).await;
+    let fx = Lambda::start(
+        &q,
+        dir.path(),
+        &[
+            queue[0],
+            ("SLUICE__APP__FAILURE_RATE", "1"),
+            ("SLUICE__TELEMETRY__EMF_NAMESPACE", "Sluice/Test"),
+            ("SLUICE__TELEMETRY__VERSION", "canary-7"),
+        ],
+    )
+    .await;
+    fx.invoke(&q.event(&msgs)).await;
+    let docs = emf_documents(dir.path());
+    assert_eq!(docs.len(), 1, "log: {}", log(dir.path()));
+    let retried = check_emf(&docs[0], &q.name, "Sluice/Test");
+    assert_eq!(
+        (&retried["Records"], &retried["Retried"]),
+        (&1.into(), &1.into())
+    );
+    assert_eq!(retried["ColdStart"], 1, "a new process starts cold");
+    assert_eq!(docs[0]["version"], "canary-7");
+}

@@ -28,6 +28,7 @@ mod embedded_transport;
 mod health;
 mod new_function;
 mod pipeline;
+mod prometheus_scrape;
 mod sqlite_store;
 
 #[cfg(feature = "lambda")]

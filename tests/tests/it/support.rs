@@ -88,6 +88,23 @@ pub fn poll_blocking<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Op
     }
 }
 
+/// The value of the sample of `name` whose labels include every one of `labels`, in a
+/// Prometheus text exposition (`/metrics`); `None` when there is none.
+pub fn metric_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (set, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let pairs: Vec<&str> = set.split(',').collect();
+        labels
+            .iter()
+            .all(|(k, v)| pairs.contains(&format!("{k}=\"{v}\"").as_str()))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Messages a queue still holds to be worked, from `stats --json`: ready, in flight and
 /// delayed (dead letters are not counted).
 pub fn pending(stats: &serde_json::Value) -> u64 {

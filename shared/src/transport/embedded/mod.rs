@@ -32,7 +32,7 @@ use crate::{
     dlq,
     envelope::Failure,
     error::{Error, Result},
-    message::{Delivery, OutgoingMessage, QueueStats, ReceiptKind, RedriveFilter},
+    message::{Delivery, OldestAge, OutgoingMessage, QueueStats, ReceiptKind, RedriveFilter},
     sync::Mutex,
     time::unix_ms,
 };
@@ -359,14 +359,18 @@ impl Transport for EmbeddedTransport {
     async fn stats(&self) -> Result<QueueStats> {
         self.tx(|tx, opts| {
             let now = unix_ms(SystemTime::now());
-            let (ready, in_flight, delayed): (i64, i64, i64) = tx.query_row(
+            // A ready row's visible_at is when it became ready: published, due after its
+            // delay, or back after its lease ran out. The oldest is the smallest, read in
+            // the same pass over the queue's rows.
+            let (ready, in_flight, delayed, oldest): (i64, i64, i64, Option<i64>) = tx.query_row(
                 "SELECT
                     COALESCE(SUM(visible_at <= ?2), 0),
                     COALESCE(SUM(visible_at > ?2 AND lease_token IS NOT NULL), 0),
-                    COALESCE(SUM(visible_at > ?2 AND lease_token IS NULL), 0)
+                    COALESCE(SUM(visible_at > ?2 AND lease_token IS NULL), 0),
+                    MIN(CASE WHEN visible_at <= ?2 THEN visible_at END)
                  FROM messages WHERE queue = ?1",
                 params![opts.queue, now],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )?;
             let dead: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM dead_letters WHERE queue = ?1",
@@ -379,6 +383,9 @@ impl Transport for EmbeddedTransport {
                 in_flight: n(in_flight),
                 delayed: n(delayed),
                 dead_lettered: n(dead),
+                oldest_ready: OldestAge::Known(Duration::from_millis(n(
+                    oldest.map_or(0, |at| now.saturating_sub(at))
+                ))),
             })
         })
         .await

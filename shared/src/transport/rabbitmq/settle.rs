@@ -20,7 +20,7 @@ use crate::{
     envelope::Failure,
     error::{Error, Result},
     lease::Taken,
-    message::{Delivery, OutgoingMessage, QueueStats, RabbitKey, ReceiptKind},
+    message::{Delivery, OldestAge, OutgoingMessage, QueueStats, RabbitKey, ReceiptKind},
     time::{checked_add, unix_secs},
 };
 
@@ -255,6 +255,14 @@ impl Inner {
             in_flight,
             delayed,
             dead_lettered,
+            // AMQP tells a queue's depth, not its head's age. The management plugin's
+            // `head_message_timestamp` covers classic queues only (and needs the producer's
+            // timestamp property), and a peek (get, then requeue) raises the quorum queue's
+            // x-delivery-count, the crash-loop guard's count.
+            oldest_ready: OldestAge::Unknown(
+                "RabbitMQ reports no age for a quorum queue's oldest message, and looking at it \
+                 (get and requeue) would count as a delivery",
+            ),
         })
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     envelope::Failure,
     error::{Error, Result},
     lease::{Span, Taken},
-    message::{Delivery, QueueStats, ReceiptKind, SqsReceipt},
+    message::{Delivery, OldestAge, QueueStats, ReceiptKind, SqsReceipt},
     time::{checked_add, unix_ms},
 };
 
@@ -340,6 +340,13 @@ impl Shared {
             in_flight: work[1],
             delayed: work[2],
             dead_lettered: dead.iter().sum(),
+            // GetQueueAttributes has no age; receiving the message to look raises its
+            // ApproximateReceiveCount, which the redrive policy counts.
+            oldest_ready: OldestAge::Unknown(
+                "SQS reports it only as the CloudWatch metric AWS/SQS \
+                 ApproximateAgeOfOldestMessage, and receiving the message to look would count \
+                 as a delivery",
+            ),
         })
     }
 
