@@ -16,7 +16,7 @@
 //! - **Panics** are caught per record: one record fails, never the whole batch.
 //! - **Malformed events** (not an SQS event) fail the invocation with a clear error: Lambda
 //!   keeps the messages and delivers them again, nothing is lost.
-//! - **Metrics**: one CloudWatch EMF document per invocation on stdout ([`emf`]).
+//! - **Metrics**: one CloudWatch EMF document per invocation on stdout (see docs/lambda.md).
 
 use std::{
     sync::{atomic::Ordering::Relaxed, Arc},
