@@ -22,9 +22,18 @@ use crate::{
 type StateInit<S> =
     Box<dyn FnOnce(Settings) -> Pin<Box<dyn Future<Output = anyhow::Result<S>> + Send>> + Send>;
 
-/// Builds the job from the settings: runs the function's state initializer.
+/// Builds the jobs from the settings: runs the function's state initializer.
 type Binder =
-    Box<dyn FnOnce(Settings) -> Pin<Box<dyn Future<Output = Result<Arc<dyn Job>>> + Send>> + Send>;
+    Box<dyn FnOnce(Settings) -> Pin<Box<dyn Future<Output = Result<Jobs>> + Send>> + Send>;
+
+/// Binds the compensation handler to the state the main handler got.
+type CompensationBinder<S> = Box<dyn FnOnce(Arc<S>) -> Arc<dyn Job> + Send>;
+
+/// The handler and, for a workflow step, its compensation, bound to their state.
+pub(crate) struct Jobs {
+    pub(crate) main: Arc<dyn Job>,
+    pub(crate) compensate: Option<Arc<dyn Job>>,
+}
 
 /// A function definition.
 ///
@@ -60,6 +69,7 @@ pub struct Function<T, S, H> {
     schema_versions: Vec<String>,
     version: &'static str,
     init: Option<StateInit<S>>,
+    compensation: Option<CompensationBinder<S>>,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -91,6 +101,7 @@ where
             schema_versions: Vec::new(),
             version: env!("CARGO_PKG_VERSION"),
             init: None,
+            compensation: None,
             _t: PhantomData,
         }
     }
@@ -135,6 +146,26 @@ where
         self
     }
 
+    /// The compensation of this function's workflow step: run, with the same state, when a
+    /// routing slip comes back compensating (a later step failed for good). It gets the same
+    /// body as the step, and the data the step logged through
+    /// `ctx.workflow().unwrap().compensation_data()` (`crate::workflow` has an example). It
+    /// runs on the function's own queue: the slip says which way it goes.
+    pub fn compensate<C, H2>(mut self, handler: H2) -> Self
+    where
+        C: DeserializeOwned + Send + 'static,
+        H2: for<'a> Handler<'a, C, S>,
+    {
+        self.compensation = Some(Box::new(move |state: Arc<S>| {
+            Arc::new(Bound::<C, S, H2> {
+                handler,
+                state,
+                key_fn: None,
+            }) as Arc<dyn Job>
+        }));
+        self
+    }
+
     /// The function's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -150,7 +181,8 @@ where
     /// Erases the handler's types: what the CLI and Lambda mode run.
     pub(crate) fn into_definition(self) -> Definition {
         let name = self.name.clone();
-        let (handler, key_fn, init) = (self.handler, self.key_fn, self.init);
+        let (handler, key_fn, init, compensation) =
+            (self.handler, self.key_fn, self.init, self.compensation);
         let bind: Binder = Box::new(move |settings| {
             Box::pin(async move {
                 let state = match init {
@@ -172,12 +204,14 @@ where
                             ))
                         })?,
                 };
-                let job: Arc<dyn Job> = Arc::new(Bound {
+                let state = Arc::new(state);
+                let compensate = compensation.map(|bind| bind(state.clone()));
+                let main: Arc<dyn Job> = Arc::new(Bound {
                     handler,
-                    state: Arc::new(state),
+                    state,
                     key_fn,
                 });
-                Ok(job)
+                Ok(Jobs { main, compensate })
             })
         });
         Definition {
@@ -229,7 +263,7 @@ impl Definition {
     }
 
     /// Runs the state initializer and binds the handler to its state.
-    pub(crate) async fn bind(self, settings: Settings) -> Result<(DefinitionParts, Arc<dyn Job>)> {
+    pub(crate) async fn bind(self, settings: Settings) -> Result<(DefinitionParts, Jobs)> {
         let job = (self.bind)(settings).await?;
         Ok((
             DefinitionParts {
@@ -269,7 +303,8 @@ impl Definition {
             settings,
             transport,
             store,
-            job,
+            job: job.main,
+            compensation: job.compensate,
         }))
     }
 }

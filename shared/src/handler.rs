@@ -10,7 +10,7 @@ use std::{
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::Headers;
+use crate::{message::Headers, workflow::Workflow};
 
 /// How the runtime should treat a failure. The retry path reads this, never the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +147,7 @@ pub struct Context<S = ()> {
     pub(crate) state: Arc<S>,
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) effects: Effects,
+    pub(crate) workflow: Option<Arc<Workflow>>,
 }
 
 /// The message's effects transaction on the idempotency store's database: opened by the
@@ -238,6 +239,13 @@ impl<S> Context<S> {
         &self.state
     }
 
+    /// The workflow this message is a step (or a compensation) of, when it carries a routing
+    /// slip: its tracking id, this step's arguments, the variables, and in a compensation the
+    /// data the step logged (`crate::workflow` has an example).
+    pub fn workflow(&self) -> Option<&Workflow> {
+        self.workflow.as_deref()
+    }
+
     /// A transaction on the PostgreSQL idempotency store's database for this message's
     /// effects: run your statements on `ctx.postgres().await?.client()`. The runtime commits
     /// them in the same transaction that completes the idempotency record, or rolls them back
@@ -286,6 +294,7 @@ impl<S> Context<S> {
             cancel: CancellationToken::new(),
             state,
             effects: Effects::default(),
+            workflow: None,
         }
     }
 }
@@ -294,6 +303,12 @@ impl<S> Context<S> {
     /// Sets the idempotency key (tests, `invoke`).
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = key.into();
+        self
+    }
+
+    /// Makes the call a step of the workflow on `slip` (tests of a step's handler).
+    pub fn with_slip(mut self, slip: crate::workflow::Slip) -> Self {
+        self.workflow = Some(Arc::new(Workflow::new(slip)));
         self
     }
 

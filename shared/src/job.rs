@@ -32,6 +32,7 @@ pub(crate) struct CallInfo {
     pub(crate) idempotency_key: String,
     pub(crate) cancel: CancellationToken,
     pub(crate) effects: Effects,
+    pub(crate) workflow: Option<Arc<crate::workflow::Workflow>>,
 }
 
 /// A handler bound to its state.
@@ -96,6 +97,7 @@ where
                 cancel: info.cancel,
                 state: self.state.clone(),
                 effects: info.effects,
+                workflow: info.workflow,
             };
             let out = self.handler.call(input, &ctx).await?;
             serde_json::to_vec(&out).map_err(|e| {

@@ -108,6 +108,7 @@ pub mod time;
 pub mod topology;
 pub mod transport;
 pub mod worker;
+pub mod workflow;
 
 pub use config::Settings;
 pub use dead_letter::DeadLetter;

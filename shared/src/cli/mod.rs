@@ -210,10 +210,10 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
         Command::Invoke { json, file } => {
             let body = read_body(json, file)?;
             let schema_versions = def.schema_versions.clone();
-            let (_, job) = def.bind(settings.clone()).await?;
+            let (_, jobs) = def.bind(settings.clone()).await?;
             let metrics = crate::telemetry::Metrics::default();
             let handle = crate::worker::Handle {
-                job: &*job,
+                job: &*jobs.main,
                 settings: &settings,
                 schema_versions: &schema_versions,
                 metrics: &metrics,

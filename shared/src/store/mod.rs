@@ -24,6 +24,7 @@ pub mod redis;
 pub mod s3;
 #[cfg(feature = "embedded")]
 pub mod sqlite;
+pub mod status;
 
 use std::{future::Future, time::Duration};
 

@@ -86,6 +86,13 @@ BEGIN
     END IF;
 END
 $$;
+CREATE TABLE IF NOT EXISTS sluice_workflow_status (
+    id         TEXT COLLATE "C" PRIMARY KEY,
+    workflow   TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    doc        TEXT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
 COMMIT;
 "#;
 
@@ -283,7 +290,7 @@ impl PostgresStore {
         Ok(effects)
     }
 
-    async fn conn(&self) -> Result<Object> {
+    pub(super) async fn conn(&self) -> Result<Object> {
         self.pool.get().await.map_err(pool_err)
     }
 
@@ -520,7 +527,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn pg_err(e: tokio_postgres::Error) -> Error {
+pub(super) fn pg_err(e: tokio_postgres::Error) -> Error {
     Error::store("postgres", e)
 }
 

@@ -29,6 +29,15 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_expiry ON idempotency (expires_at);
+CREATE TABLE IF NOT EXISTS workflow_status (
+    id          TEXT PRIMARY KEY,
+    workflow    TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    rank        INTEGER NOT NULL,
+    doc         TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS workflow_status_by_state ON workflow_status (state, id);
 ";
 
 /// How long an in-progress record lives at most (its lease is what matters; this only lets
@@ -65,7 +74,7 @@ impl SqliteStore {
         })
     }
 
-    async fn tx<T: Send + 'static>(
+    pub(super) async fn tx<T: Send + 'static>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -149,7 +158,7 @@ fn claim_in(tx: &rusqlite::Transaction<'_>, key: &str, fp: &str, lease: Duration
     )))
 }
 
-fn store_err(e: rusqlite::Error) -> Error {
+pub(super) fn store_err(e: rusqlite::Error) -> Error {
     Error::store("sqlite", e)
 }
 

@@ -49,6 +49,24 @@ pub fn render(m: &Metrics, breaker: BreakerState, out: &mut String) {
         let _ = writeln!(out, "{name}{{{l},reason=\"{}\"}} {n}", escape(reason));
     }
 
+    let events = m.workflow_events();
+    if !events.is_empty() {
+        let name = "sluice_workflow_events_total";
+        family(
+            out,
+            name,
+            "counter",
+            "Workflow events reported by this worker, by workflow and event.",
+        );
+        for ((workflow, event), n) in events {
+            let _ = writeln!(
+                out,
+                "{name}{{{l},workflow=\"{}\",event=\"{event}\"}} {n}",
+                escape(&workflow)
+            );
+        }
+    }
+
     for (name, h, help) in [
         (
             "sluice_handler_duration_seconds",

@@ -105,6 +105,9 @@ pub const SETTLED: [(Outcome, ErrorClass); 7] = [
     (Outcome::Released, ErrorClass::None),
 ];
 
+/// Most workflow names with their own `sluice_workflow_events_total` series (the rest: `other`).
+pub const MAX_WORKFLOW_LABELS: usize = 16;
+
 /// Counters of one worker process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -131,6 +134,9 @@ pub struct Metrics {
     /// Settled deliveries, one counter per entry of [`SETTLED`].
     settled: [AtomicU64; SETTLED.len()],
     dead_letter_reasons: Mutex<BTreeMap<&'static str, u64>>,
+    /// Workflow events by (workflow, event); workflow names beyond
+    /// [`MAX_WORKFLOW_LABELS`] are counted as `other`.
+    workflow_events: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Receive to settle, at 3 significant digits, for the summary's percentiles.
     latency_us: Mutex<HdrHistogram<u64>>,
     /// Each handler try.
@@ -171,6 +177,7 @@ impl Metrics {
             in_flight: AtomicU64::new(0),
             settled: Default::default(),
             dead_letter_reasons: Mutex::new(BTreeMap::new()),
+            workflow_events: Mutex::new(BTreeMap::new()),
             // 1 us .. 1 h at 3 significant digits.
             latency_us: Mutex::new(
                 HdrHistogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds"),
@@ -212,6 +219,35 @@ impl Metrics {
     pub fn dead_lettered(&self, class: FailureClass, reason: &'static str) {
         self.settled(Outcome::DeadLettered, class.into());
         *self.dead_letter_reasons.lock().entry(reason).or_default() += 1;
+    }
+
+    /// A workflow event reported by this worker. The workflow name comes from the message's
+    /// slip, so the label set is bounded: the first [`MAX_WORKFLOW_LABELS`] names seen get
+    /// their own series (each event kind from 0), later ones count as `other`.
+    pub fn workflow_event(&self, workflow: &str, event: crate::workflow::EventKind) {
+        let mut m = self.workflow_events.lock();
+        let known = m.keys().any(|(w, _)| w == workflow);
+        let names = m
+            .keys()
+            .map(|(w, _)| w)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let name = if known || names < MAX_WORKFLOW_LABELS {
+            workflow
+        } else {
+            "other"
+        };
+        if !m.keys().any(|(w, _)| w == name) {
+            for e in crate::workflow::EventKind::ALL {
+                m.insert((name.to_owned(), e.as_str()), 0);
+            }
+        }
+        *m.entry((name.to_owned(), event.as_str())).or_default() += 1;
+    }
+
+    /// Workflow events by (workflow, event).
+    pub fn workflow_events(&self) -> BTreeMap<(String, &'static str), u64> {
+        self.workflow_events.lock().clone()
     }
 
     /// The settled counters, in [`SETTLED`] order.

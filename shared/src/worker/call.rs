@@ -4,6 +4,7 @@
 
 use std::{
     panic::AssertUnwindSafe,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,13 +22,19 @@ use crate::{
     message::{check_input, header, Delivery, Rejection},
     telemetry::{inc, HandlerScope, Metrics},
     transport::Transport,
+    workflow::Workflow,
 };
 
 impl Runtime {
     /// The handler-calling parts of this runtime.
     pub(super) fn handle(&self) -> Handle<'_> {
+        self.handle_with(&*self.job)
+    }
+
+    /// The handler-calling parts, with `job` (the handler or the compensation).
+    pub(super) fn handle_with<'a>(&'a self, job: &'a dyn Job) -> Handle<'a> {
         Handle {
-            job: &*self.job,
+            job,
             settings: &self.settings,
             schema_versions: &self.schema_versions,
             metrics: &self.metrics,
@@ -35,14 +42,17 @@ impl Runtime {
     }
 
     /// Calls the handler with a fresh timeout per try, retrying short waits in the slot.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn call_handler(
         &self,
+        job: &dyn Job,
         d: &Delivery,
         input: Input,
         key: &str,
         cancel: &CancellationToken,
         effects: &crate::handler::Effects,
         budget: &Budget,
+        wf: Option<&Arc<Workflow>>,
     ) -> std::result::Result<Vec<u8>, HandlerError> {
         let mut input = Some(input);
         let mut tries = 0;
@@ -51,13 +61,25 @@ impl Runtime {
                 Some(i) => i,
                 // The first try consumed the decoded input: decode again for the next.
                 None => self
-                    .handle()
+                    .handle_with(job)
                     .decode(d)
                     .map_err(|(_, r)| HandlerError::permanent(r))?,
             };
+            if let Some(wf) = wf {
+                // What a failed try set is forgotten.
+                wf.reset();
+            }
             let result = self
-                .handle()
-                .call_once(d, this, key, cancel, effects, budget.handler_timeout)
+                .handle_with(job)
+                .call_once(
+                    d,
+                    this,
+                    key,
+                    cancel,
+                    effects,
+                    budget.handler_timeout,
+                    wf.cloned(),
+                )
                 .await;
             let err = match result {
                 Ok(out) => return Ok(out),
@@ -171,10 +193,12 @@ impl Handle<'_> {
             &CancellationToken::new(),
             &Effects::default(),
             timeout,
+            None,
         )
         .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn call_once(
         &self,
         d: &Delivery,
@@ -183,8 +207,10 @@ impl Handle<'_> {
         cancel: &CancellationToken,
         effects: &crate::handler::Effects,
         timeout: Duration,
+        workflow: Option<Arc<Workflow>>,
     ) -> std::result::Result<Vec<u8>, HandlerError> {
         let info = CallInfo {
+            workflow,
             message_id: d.id.clone(),
             attempt: d.attempt,
             headers: d.headers.clone(),

@@ -8,8 +8,10 @@
 //! handler is not run again. docs/architecture.md has the picture.
 
 mod call;
+mod flow;
 mod intake;
 mod pipeline;
+mod verdict;
 
 use std::sync::Arc;
 
@@ -36,6 +38,10 @@ pub struct Runtime {
     pub(crate) transport: AnyTransport,
     pub(crate) store: Option<StoreFront>,
     pub(crate) job: Arc<dyn Job>,
+    /// The compensation of this function's workflow step (`Function::compensate`).
+    pub(crate) compensation: Option<Arc<dyn Job>>,
+    /// Handles on the queues slips are forwarded to, opened on first use.
+    pub(crate) outboxes: flow::Outboxes,
     pub(crate) schema_versions: Vec<String>,
     pub(crate) policy: RetryPolicy,
     pub(crate) breaker: CircuitBreaker,
@@ -54,6 +60,7 @@ pub(crate) struct Parts {
     pub(crate) transport: AnyTransport,
     pub(crate) store: Option<StoreFront>,
     pub(crate) job: Arc<dyn Job>,
+    pub(crate) compensation: Option<Arc<dyn Job>>,
 }
 
 impl Runtime {
@@ -72,6 +79,8 @@ impl Runtime {
             transport: p.transport,
             store: p.store,
             job: p.job,
+            compensation: p.compensation,
+            outboxes: flow::Outboxes::default(),
             schema_versions: p.schema_versions,
             metrics: Metrics::new(labels),
             health: p.health,

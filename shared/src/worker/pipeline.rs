@@ -9,6 +9,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub(super) use super::verdict::{dead_letter, Verdict};
 use super::Runtime;
 use crate::{
     breaker::Admission,
@@ -43,29 +44,6 @@ async fn cut_short(
 /// First look again at a key another delivery holds; the interval doubles from here.
 const IN_PROGRESS_FIRST_LOOK: Duration = Duration::from_millis(50);
 
-/// What the pipeline decided for one delivery.
-#[derive(Debug)]
-pub(super) enum Verdict {
-    /// Done (or a duplicate of something done): remove it.
-    Ack { duplicate: bool },
-    /// Deliver again later; `paced`: because the handler asked for this delay (`RetryAfter`),
-    /// not because something failed (the `error_class` of the metrics).
-    Retry {
-        delay: Duration,
-        failure: Failure,
-        paced: bool,
-    },
-    /// Give up on it, with the reason; `label` groups reasons in metrics.
-    DeadLetter {
-        failure: Failure,
-        label: &'static str,
-    },
-    /// Shutdown past grace: put it back now.
-    Release,
-    /// Our lease is gone; the message belongs to another consumer now.
-    Abandon,
-}
-
 /// Time limits of one delivery: from the settings in container mode; from the invocation's
 /// remaining time in Lambda mode, so a timed-out invocation never leaves a claim held longer
 /// than the invocation could run.
@@ -75,6 +53,14 @@ pub(crate) struct Budget {
     pub(crate) claim_lease: Duration,
     /// Timeout of each handler try.
     pub(crate) handler_timeout: Duration,
+}
+
+/// A delivery decoded and keyed, before its claim.
+pub(super) struct Prepared {
+    input: Input,
+    key: String,
+    /// The workflow step it is, when it carries a routing slip.
+    step: Option<super::flow::StepIn>,
 }
 
 /// The idempotency claim held while the handler runs (shared with the lease keeper):
@@ -98,15 +84,44 @@ impl Runtime {
     }
 
     /// Steps 1 and 2 of the pipeline, before the span opens: decode and validate (bad input
-    /// is permanent and keeps its bytes), then the idempotency key: the header, else derived
-    /// from the payload, else the message id.
-    fn prepare(&self, d: &Delivery) -> std::result::Result<(Input, String), Verdict> {
-        let input = match self.handle().decode(d) {
+    /// is permanent and keeps its bytes), then the idempotency key: a workflow step's own
+    /// (tracking id, step, direction), else the header, else derived from the payload, else
+    /// the message id.
+    fn prepare(&self, d: &Delivery) -> std::result::Result<Prepared, Verdict> {
+        let step = self.read_slip(d)?;
+        let job = match &step {
+            Some(s) if s.compensating() => match &self.compensation {
+                Some(job) => &**job,
+                None => {
+                    return Err(dead_letter(
+                        FailureClass::Permanent,
+                        "no compensation",
+                        format!(
+                            "workflow {} ({}) asks {} to compensate step {:?}, but the function declares no compensation (Function::compensate)",
+                            s.slip.workflow,
+                            s.slip.id,
+                            self.function,
+                            s.slip.current_step().unwrap_or_default()
+                        ),
+                    ))
+                }
+            },
+            _ => &*self.job,
+        };
+        let input = match self.handle_with(job).decode(d) {
             Ok(input) => input,
             Err((label, reason)) => {
                 return Err(dead_letter(FailureClass::Permanent, label, reason))
             }
         };
+        if let Some(step) = step {
+            let key = step.slip.key();
+            return Ok(Prepared {
+                input,
+                key,
+                step: Some(step),
+            });
+        }
         let key = match d.headers.get(header::IDEMPOTENCY_KEY) {
             Some(k) => k.clone(),
             None => match self.job.key(&input) {
@@ -130,7 +145,11 @@ impl Runtime {
                 e.to_string(),
             ));
         }
-        Ok((input, key))
+        Ok(Prepared {
+            input,
+            key,
+            step: None,
+        })
     }
 
     /// The pipeline for one delivery, in its own span.
@@ -138,7 +157,7 @@ impl Runtime {
     pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken, probe: bool) {
         let started = Instant::now();
         let prepared = self.prepare(&d);
-        let span = self.span(&d, prepared.as_ref().ok().map(|(_, key)| key.as_str()));
+        let span = self.span(&d, prepared.as_ref().ok().map(|p| p.key.as_str()));
         async {
             self.metrics.on_receive(d.waited(SystemTime::now()));
             self.metrics.in_flight.fetch_add(1, Relaxed);
@@ -198,7 +217,7 @@ impl Runtime {
     ) -> RecordOutcome {
         let started = Instant::now();
         let prepared = self.prepare(&d);
-        let span = self.span(&d, prepared.as_ref().ok().map(|(_, key)| key.as_str()));
+        let span = self.span(&d, prepared.as_ref().ok().map(|p| p.key.as_str()));
         async {
             self.metrics.on_receive(d.waited(SystemTime::now()));
             let held: HeldClaim = Mutex::new(None);
@@ -253,17 +272,18 @@ impl Runtime {
     async fn decide(
         &self,
         d: &Delivery,
-        prepared: std::result::Result<(Input, String), Verdict>,
+        prepared: std::result::Result<Prepared, Verdict>,
         held: &HeldClaim,
         cancel: &CancellationToken,
         probe: &AtomicBool,
         budget: &Budget,
     ) -> Verdict {
         // 1 and 2. Decoded and keyed by `prepare`.
-        let (input, key) = match prepared {
+        let Prepared { input, key, step } = match prepared {
             Ok(prepared) => prepared,
             Err(rejected) => return rejected,
         };
+        let step = step.as_ref();
 
         // 3. Claim the record.
         if let Some(store) = &self.store {
@@ -278,7 +298,12 @@ impl Runtime {
                         *held.lock() = Some((key.clone(), fp, token));
                         break;
                     }
-                    Ok(Claim::Completed(_)) => return Verdict::Ack { duplicate: true },
+                    Ok(Claim::Completed(stored)) => {
+                        return match step {
+                            Some(step) => self.replay(d, step, &stored).await,
+                            None => Verdict::Ack { duplicate: true },
+                        }
+                    }
                     Ok(Claim::InProgress(remaining)) => {
                         // Nothing failed: another delivery holds the key. Wait for it here
                         // first, where waiting uses up no delivery (the transports count every
@@ -353,10 +378,27 @@ impl Runtime {
             }
         }
 
+        // A workflow step past its deadline (its own or the workflow's) fails for good without
+        // running: the workflow compensates.
+        if let Some(step) = step.filter(|s| !s.compensating()) {
+            if let Some(reason) = step.slip.overdue(SystemTime::now()) {
+                probe.store(false, Relaxed);
+                let claim = held.lock().take();
+                let verdict =
+                    dead_letter(FailureClass::Permanent, "workflow deadline passed", reason);
+                return self.fault(d, step, claim, verdict).await;
+            }
+        }
+
         // 5. The handler, with timeout, immediate retries and panics caught.
         let effects = self.effects();
+        let job = match step {
+            Some(s) if s.compensating() => self.compensation.as_deref().unwrap_or(&*self.job),
+            _ => &*self.job,
+        };
+        let wf = step.map(|s| &s.wf);
         let result = self
-            .call_handler(d, input, &key, cancel, &effects, budget)
+            .call_handler(job, d, input, &key, cancel, &effects, budget, wf)
             .await;
         if cancel.is_cancelled() && result.is_err() {
             self.release_claim(held).await;
@@ -380,6 +422,9 @@ impl Runtime {
                 }
                 self.breaker.on_success();
                 let claim = held.lock().take();
+                if let Some(step) = step {
+                    return self.step_succeeded(d, step, claim, &output, &effects).await;
+                }
                 #[cfg(feature = "postgres")]
                 if let Some(tx) = effects.take().await {
                     return self.commit_effects(d, tx, claim, &output).await;
@@ -404,8 +449,7 @@ impl Runtime {
                     ErrorKind::Transient => self.breaker.on_failure(),
                     ErrorKind::Permanent | ErrorKind::RetryAfter(_) => self.breaker.on_success(),
                 }
-                self.release_claim(held).await;
-                match e.kind {
+                let verdict = match e.kind {
                     ErrorKind::Permanent => dead_letter(
                         FailureClass::Permanent,
                         "rejected by the handler",
@@ -417,7 +461,19 @@ impl Runtime {
                     ErrorKind::RetryAfter(delay) => {
                         self.retry_or_give_up(d, delay, e.message).paced()
                     }
+                };
+                // A workflow step that failed for good turns the workflow to compensation
+                // (its claim completed with the fault); a compensation that did is reported.
+                if let (Some(step), Verdict::DeadLetter { .. }) = (step, &verdict) {
+                    let claim = held.lock().take();
+                    return if step.compensating() {
+                        self.compensation_failed(step, claim, verdict).await
+                    } else {
+                        self.fault(d, step, claim, verdict).await
+                    };
                 }
+                self.release_claim(held).await;
+                verdict
             }
         }
     }
@@ -444,7 +500,7 @@ impl Runtime {
 
     /// Commits the handler's effects together with the record's completion: both or neither.
     #[cfg(feature = "postgres")]
-    async fn commit_effects(
+    pub(super) async fn commit_effects(
         &self,
         d: &Delivery,
         tx: crate::store::postgres::PgEffects,
@@ -489,7 +545,12 @@ impl Runtime {
     }
 
     /// A delayed retry, or the dead-letter queue once the deliveries are used up.
-    fn retry_or_give_up(&self, d: &Delivery, delay: Duration, reason: String) -> Verdict {
+    pub(super) fn retry_or_give_up(
+        &self,
+        d: &Delivery,
+        delay: Duration,
+        reason: String,
+    ) -> Verdict {
         if d.attempt >= self.policy.max_deliveries() {
             let reason = format!("gave up after {} deliveries: {reason}", d.attempt);
             return dead_letter(FailureClass::Transient, "retries exhausted", reason);
@@ -584,27 +645,6 @@ impl Runtime {
                 tracing::error!(outcome, error = %e.report(), "settling failed; the message returns when its lease ends");
                 false
             }
-        }
-    }
-}
-
-fn dead_letter(class: FailureClass, label: &'static str, reason: impl Into<String>) -> Verdict {
-    Verdict::DeadLetter {
-        failure: Failure::now(class, reason),
-        label,
-    }
-}
-
-impl Verdict {
-    /// A retry the handler asked for (`RetryAfter`); anything else unchanged.
-    fn paced(self) -> Self {
-        match self {
-            Verdict::Retry { delay, failure, .. } => Verdict::Retry {
-                delay,
-                failure,
-                paced: true,
-            },
-            other => other,
         }
     }
 }
