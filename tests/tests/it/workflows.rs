@@ -587,3 +587,46 @@ async fn a_garbage_or_misrouted_slip_is_dead_lettered_with_a_reason() {
     assert_eq!(shop.shop.runs.lock().unwrap().len(), 0, "no step ran");
     shop.stop().await;
 }
+
+/// Settings of one step on another transport: `kind` and its URL, the store a shared file.
+#[cfg(any(feature = "rabbitmq", feature = "sqs"))]
+fn on<'a>(
+    kind: &'static str,
+    dir: &'a Path,
+    url: impl Fn(&str) -> String + 'a,
+) -> impl Fn(&str) -> Settings + 'a {
+    move |queue| {
+        Settings::load(
+            "shop-step",
+            Some(BASE_TOML),
+            std::iter::empty(),
+            &[
+                format!("queue={queue}"),
+                format!("transport.kind={kind}"),
+                format!("transport.url={}", url(queue)),
+                format!("store.url={}", dir.join("store.db").display()),
+            ],
+        )
+        .expect("test settings are valid")
+    }
+}
+
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_orders_complete_or_compensate_with_three_workers_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sluice_tests::rabbit::url();
+    let t0 = std::time::Instant::now();
+    scenario(on("rabbitmq", dir.path(), move |_| url.clone()), 3, 30).await;
+    eprintln!("workflows on RabbitMQ: 30 orders in {:?}", t0.elapsed());
+}
+
+#[cfg(feature = "sqs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqs_orders_complete_or_compensate_with_three_workers_per_step() {
+    sluice_tests::moto("SQS");
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    scenario(on("sqs", dir.path(), |q| q.to_owned()), 3, 20).await;
+    eprintln!("workflows on SQS (moto): 20 orders in {:?}", t0.elapsed());
+}
