@@ -10,6 +10,7 @@
 mod admin;
 mod event;
 mod print;
+mod workflow;
 
 use std::{io::Read, path::PathBuf, sync::Arc, time::Duration};
 
@@ -113,6 +114,11 @@ pub(crate) enum Command {
     },
     /// Declare the queue and dead-letter queue (idempotent).
     Provision,
+    /// Where workflow runs stand (their status records in the idempotency store).
+    Workflow {
+        #[command(subcommand)]
+        command: workflow::WorkflowCommand,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +137,21 @@ pub(crate) struct SendArgs {
     /// Deliver after this delay, e.g. 5s.
     #[arg(long, value_parser = humantime::parse_duration)]
     delay: Option<Duration>,
+    /// Start a run of this workflow (`<workflows dir>/NAME.toml`): the body goes to its first
+    /// step's queue with a routing slip.
+    #[arg(long, value_name = "NAME")]
+    workflow: Option<String>,
+    /// Where workflow definitions are (default `workflows`).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "SLUICE_WORKFLOWS",
+        requires = "workflow"
+    )]
+    workflows: Option<PathBuf>,
+    /// The run's tracking id (`{{seq}}` becomes 0, 1, 2, ...); default a fresh UUID each.
+    #[arg(long, requires = "workflow")]
+    id: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,7 +259,10 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
                 }
             })
         }
-        Command::Send(args) => {
+        Command::Send(mut args) => {
+            if let Some(name) = args.workflow.take() {
+                return workflow::send(&settings, &name, args).await;
+            }
             let t = admin(settings.clone()).await?;
             admin::send(&t, &settings, args).await
         }
@@ -271,6 +295,7 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
             }
         }
         Command::Provision => admin::provision(admin(settings.clone()).await?, &settings).await,
+        Command::Workflow { command } => workflow::workflow(&settings, command).await,
     }
 }
 

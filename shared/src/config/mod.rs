@@ -108,6 +108,23 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Settings {
+    /// These settings for another queue (a workflow step's): SQS also names its queue in
+    /// `transport.url` (a name, or a URL whose last segment is the name), so that changes too.
+    pub fn for_queue(&self, queue: &str) -> Settings {
+        let mut s = self.clone();
+        s.queue = queue.to_owned();
+        if s.transport.kind == TransportKind::Sqs {
+            let url = s.transport.url.trim();
+            s.transport.url = match url.rsplit_once('/') {
+                Some((base, _)) if url.starts_with("http://") || url.starts_with("https://") => {
+                    format!("{base}/{queue}")
+                }
+                _ => queue.to_owned(),
+            };
+        }
+        s
+    }
+
     /// Loads the layers. `file_toml` is the function's `sluice.toml` (baked into the binary or
     /// read from `--config`); `env` is the process environment; `overrides` are `key=value`.
     pub fn load(

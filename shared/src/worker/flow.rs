@@ -329,7 +329,7 @@ impl Runtime {
         if let Some(t) = boxes.get(queue) {
             return Ok(t.clone());
         }
-        let settings = settings_for_queue(&self.settings, queue);
+        let settings = self.settings.for_queue(queue);
         let t = Arc::new(AnyTransport::open(&self.function, &settings, Purpose::Work).await?);
         boxes.insert(queue.to_owned(), t.clone());
         Ok(t)
@@ -392,23 +392,6 @@ impl Runtime {
             tracing::warn!(error = %e.report(), "could not write the workflow's status record");
         }
     }
-}
-
-/// This worker's settings for another step's queue. SQS names its queue in `transport.url`
-/// (a name, or a URL whose last segment is the name): that changes with the queue.
-fn settings_for_queue(own: &crate::Settings, queue: &str) -> crate::Settings {
-    let mut s = own.clone();
-    s.queue = queue.to_owned();
-    if s.transport.kind == crate::config::TransportKind::Sqs {
-        let url = s.transport.url.trim();
-        s.transport.url = match url.rsplit_once('/') {
-            Some((base, _)) if url.starts_with("http://") || url.starts_with("https://") => {
-                format!("{base}/{queue}")
-            }
-            _ => queue.to_owned(),
-        };
-    }
-    s
 }
 
 impl Runtime {
