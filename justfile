@@ -8,10 +8,18 @@ default:
 
 # The function is a release build with the embedded queue only; the driver (tests/demo) a debug build.
 # (`just --list` shows the line right above a recipe, so the description comes last.)
-# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary).
+# The main job: charge-payment on the embedded queue, 10,000 messages (`just demo --json` for a JSON summary); `just demo workflow [--json]`: 1,000 orders through workflows/order.toml.
 demo *args:
     #!/usr/bin/env bash
     set -euo pipefail
+    set -- {{args}}
+    if [ "${1:-}" = workflow ]; then
+        shift
+        # order-steps with the embedded queue only and fault injection (the orders carry it).
+        cargo build --release --quiet -p order-steps --no-default-features --features faults
+        target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+        exec cargo run --quiet -p sluice-demo --bin workflow-demo -- --function-bin "$target/release/order-steps" "$@"
+    fi
     # charge-payment's cargo features for the demo: the embedded queue only, and fault
     # injection (the demo makes 0.2% of handler calls panic: fault.panic_rate).
     features=(--no-default-features --features faults)

@@ -56,6 +56,34 @@ pub struct Function {
     pub settings: Settings,
 }
 
+/// A workflow step's queue served by a function that is not its own queue
+/// (`workflows/<name>.toml`, a step with `function = ...`).
+pub struct StepQueue {
+    /// The queue.
+    pub queue: String,
+    /// The function serving it.
+    pub function: String,
+    /// Where it was defined, for errors.
+    pub source: String,
+}
+
+/// The step queues of every `workflows/*.toml` (a step without `function` is served by the
+/// function of that name).
+fn load_steps(root: &Path) -> Result<Vec<StepQueue>> {
+    let defs = sluice::workflow::definition::Definition::load_all(&root.join("workflows"))?;
+    let mut out = Vec::new();
+    for d in defs {
+        for s in d.steps {
+            out.push(StepQueue {
+                function: s.function.unwrap_or_else(|| s.queue.clone()),
+                queue: s.queue,
+                source: format!("workflows/{}.toml", d.name),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The `[deploy.<section>]` tables the generator knows; any other is a typo.
 const DEPLOY_SECTIONS: [&str; 3] = ["lambda", "kubernetes", "slo"];
 
@@ -81,7 +109,7 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Generate => {
-            let outputs = render_all(&load_functions(&cli.root)?)?;
+            let outputs = render_all(&cli.root, &load_functions(&cli.root)?)?;
             let written = write_outputs(&cli.root, &outputs)?;
             for path in &written {
                 println!("wrote {}", path.display());
@@ -94,7 +122,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
-            let outputs = render_all(&load_functions(&cli.root)?)?;
+            let outputs = render_all(&cli.root, &load_functions(&cli.root)?)?;
             let mut drifted = Vec::new();
             for out in &outputs {
                 let committed = std::fs::read_to_string(cli.root.join(&out.path)).ok();
@@ -126,10 +154,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
 }
 
 /// Every generated file of these functions.
-fn render_all(functions: &[Function]) -> Result<Vec<Output>> {
+fn render_all(root: &Path, functions: &[Function]) -> Result<Vec<Output>> {
     let mut outputs = aws::render(functions)?;
     outputs.extend(k8s::render(functions)?);
-    outputs.extend(rabbitmq::render(functions)?);
+    outputs.extend(rabbitmq::render(functions, &load_steps(root)?)?);
     outputs.extend(prometheus::render(functions)?);
     outputs.extend(grafana::render(functions)?);
     Ok(outputs)

@@ -129,7 +129,7 @@ pub fn run(root: &Path, args: &NewArgs) -> Result<ExitCode> {
         &dir.join("sluice.toml"),
     )?);
     functions.sort_by(|a, b| a.name.cmp(&b.name));
-    let outputs = render_all(&functions)?;
+    let outputs = render_all(root, &functions)?;
 
     // `create_dir` (not `_all`): a folder made since the check above is refused, not merged.
     // Everything is written before anything is printed, so a closed stdout cannot cut it short.
@@ -654,7 +654,7 @@ mod tests {
     fn the_deploy_files_of_a_new_function_render() {
         let s = scaffold("thumbnail", TransportChoice::Embedded, StoreChoice::Sqlite);
         let f = load_function("thumbnail", &s.sluice_toml, Path::new("sluice.toml")).unwrap();
-        let outputs = render_all(std::slice::from_ref(&f)).unwrap();
+        let outputs = render_all(Path::new("/nonexistent"), std::slice::from_ref(&f)).unwrap();
         let paths: Vec<String> = outputs
             .iter()
             .map(|o| o.path.display().to_string())

@@ -8,19 +8,47 @@ use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use sluice::topology::{topology, ArgValue};
 
-use crate::{Function, Output};
+use crate::{Function, Output, StepQueue};
 
 /// The virtual host written into the file; import into another one by replacing it.
 const VHOST: &str = "/";
 
 /// The one definitions file for all functions.
-pub fn render(functions: &[Function]) -> Result<Vec<Output>> {
+pub fn render(functions: &[Function], steps: &[StepQueue]) -> Result<Vec<Output>> {
     let (mut exchanges, mut queues, mut bindings, mut policies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for f in functions {
-        let s = &f.settings;
-        let t = topology(&s.queue, s.retry.max_deliveries)
-            .with_context(|| format!("functions/{}/sluice.toml", f.name))?;
+    // Each function's own queue, then the workflow steps' queues it also serves.
+    let mut all: Vec<(String, u32, String)> = functions
+        .iter()
+        .map(|f| {
+            (
+                f.settings.queue.clone(),
+                f.settings.retry.max_deliveries,
+                format!("functions/{}/sluice.toml", f.name),
+            )
+        })
+        .collect();
+    for step in steps {
+        if all.iter().any(|(q, _, _)| *q == step.queue) {
+            continue;
+        }
+        let f = functions
+            .iter()
+            .find(|f| f.name == step.function)
+            .with_context(|| {
+                format!(
+                    "{}: step queue {:?} names function {:?}, which is not under functions/",
+                    step.source, step.queue, step.function
+                )
+            })?;
+        all.push((
+            step.queue.clone(),
+            f.settings.retry.max_deliveries,
+            step.source.clone(),
+        ));
+    }
+    for (queue, max_deliveries, source) in &all {
+        let t = topology(queue, *max_deliveries).with_context(|| source.clone())?;
         exchanges.push(json!({
             "arguments": {},
             "auto_delete": false,

@@ -311,7 +311,8 @@ pub struct FaultSettings {
     /// Fraction of messages sent by `send` whose body is corrupted (not UTF-8, not JSON).
     pub poison_rate: f64,
     /// Fraction of successful handler calls after which the process aborts before recording
-    /// the outcome: the crash between an effect and its ack, for drills and tests.
+    /// the outcome: the crash between an effect and its ack, for drills and tests. A workflow
+    /// step may also abort, at the same rate each, after its record and after its hand-off.
     pub crash_rate: f64,
 }
 

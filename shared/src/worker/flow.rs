@@ -148,7 +148,22 @@ impl Runtime {
         if let Err(v) = self.complete_record(d, claim, &record).await {
             return v;
         }
+        self.crash_point("after the step's record, before its hand-off");
         self.finish_step(d, step, &record).await
+    }
+
+    /// `fault.crash_rate` in a workflow step: besides the crash after the handler (every
+    /// function), die after the record and after the hand-off, so a drill hits every gap
+    /// between handler, record, hand-off and ack.
+    fn crash_point(&self, _where: &str) {
+        #[cfg(feature = "faults")]
+        {
+            let rate = self.settings.fault.crash_rate;
+            if rate > 0.0 && rand::random::<f64>() < rate {
+                tracing::error!("injected crash {_where} (fault.crash_rate)");
+                std::process::abort();
+            }
+        }
     }
 
     /// After the record is completed: hand the slip on (confirmed), report, then ack.
@@ -163,6 +178,7 @@ impl Runtime {
                 return self.handoff_failed(d, e);
             }
         }
+        self.crash_point("after the hand-off, before the ack");
         self.report(&step.slip, record, false).await;
         Verdict::Ack { duplicate: false }
     }

@@ -7,7 +7,8 @@
 //!
 //! [[steps]]
 //! name = "reserve"
-//! queue = "reserve-stock"  # the function (its queue) that runs the step
+//! queue = "reserve-stock"  # the queue of the function that runs the step
+//! function = "shop"        # optional: the function, when the queue is not its own
 //! compensate = true        # the function declares a compensation (Function::compensate)
 //! timeout = "1m"           # from the moment the step is forwarded
 //! args = { warehouse = "main" }
@@ -33,6 +34,10 @@ pub struct StepDef {
     pub name: String,
     /// The queue of the function that runs it.
     pub queue: String,
+    /// The function (its folder under `functions/`) that runs it, for `sluice-infra`, when
+    /// its queue is not the function's own (one binary serving several steps).
+    #[serde(default)]
+    pub function: Option<String>,
     /// Whether the function declares a compensation for it.
     #[serde(default)]
     pub compensate: bool,
@@ -67,6 +72,22 @@ impl Definition {
             .map_err(|e| Error::Config(format!("workflow definition: {e}")))?;
         def.check()?;
         Ok(def)
+    }
+
+    /// Every definition in `dir` (`*.toml`), by name; none when `dir` does not exist.
+    pub fn load_all(dir: &Path) -> Result<Vec<Self>> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".toml").map(str::to_owned)
+            })
+            .collect();
+        names.sort();
+        names.iter().map(|n| Self::load(dir, n)).collect()
     }
 
     /// Reads `dir/<name>.toml` (a name is letters, digits, `-` and `_`).

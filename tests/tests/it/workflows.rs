@@ -630,3 +630,127 @@ async fn sqs_orders_complete_or_compensate_with_three_workers_per_step() {
     scenario(on("sqs", dir.path(), |q| q.to_owned()), 3, 20).await;
     eprintln!("workflows on SQS (moto): 20 orders in {:?}", t0.elapsed());
 }
+
+/// `order-steps` (the example binary) on the embedded queue, one worker per step, each
+/// aborting now and then (`fault.crash_rate`: after the handler, after the step's record and
+/// after its hand-off, the gaps between handler, record, hand-off and ack); a dead worker is
+/// restarted at once. Every order completes, and the shop applied every step once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashing_step_workers_lose_no_order_and_apply_no_step_twice() {
+    use crate::support::FunctionRun;
+    const ORDERS: usize = 20;
+    let run = FunctionRun::new("order-steps")
+        .set("fault.crash_rate=0.05")
+        .set("transport.lease=1s")
+        .set("retry.immediate=0")
+        .set("retry.base=50ms")
+        .set("telemetry.log_level=warn")
+        // Relative to the sandbox, every command's working directory.
+        .set("app.shop=shop.db");
+    let queues = [
+        "order-reserve",
+        "order-charge",
+        "order-ship",
+        "order-receipt",
+    ];
+    let spawn = |q: &str| {
+        let mut cmd = run.command(
+            &["--set", &format!("queue={q}"), "run"],
+            &format!("{q}.log"),
+        );
+        cmd.current_dir(&run.sandbox.dir)
+            .stdout(std::process::Stdio::null());
+        cmd.spawn().expect("start a step worker")
+    };
+    let mut workers: Vec<(String, std::process::Child)> =
+        queues.iter().map(|q| (q.to_string(), spawn(q))).collect();
+    let workflows = sluice_tests::repo_root().join("workflows");
+    let sent = run
+        .command(
+            &[
+                "send",
+                "--workflows",
+                workflows.to_str().unwrap(),
+                "--workflow",
+                "order",
+                "--count",
+                &ORDERS.to_string(),
+                "--id",
+                "o-{{seq}}",
+                r#"{"order":"o-{{seq}}","sku":"sku-1","qty":2,"cents":150}"#,
+            ],
+            "cli.log",
+        )
+        .current_dir(&run.sandbox.dir)
+        .env_remove("SLUICE__APP__LEDGER")
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{}", run.log("cli.log"));
+    let mut restarts = 0;
+    let completed = poll_until(WAIT * 2, "every order completes", || {
+        // Restart the workers that died.
+        for (q, child) in workers.iter_mut() {
+            if child.try_wait().unwrap().is_some() {
+                *child = spawn(q);
+                restarts += 1;
+            }
+        }
+        let out = run
+            .command(
+                &[
+                    "workflow",
+                    "list",
+                    "--state",
+                    "completed",
+                    "--limit",
+                    "1000",
+                    "--json",
+                ],
+                "cli.log",
+            )
+            .current_dir(&run.sandbox.dir)
+            .env_remove("SLUICE__APP__LEDGER")
+            .output()
+            .unwrap();
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        async move { (list.len() == ORDERS).then_some(list) }
+    })
+    .await;
+    for (_, child) in workers.iter_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(completed.len(), ORDERS);
+    let shop = rusqlite::Connection::open(run.sandbox.dir.join("shop.db")).unwrap();
+    let count = |sql: &str| -> i64 { shop.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count("SELECT COUNT(*) FROM effects WHERE direction = 'forward'"),
+        4 * ORDERS as i64
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM effects WHERE direction = 'compensate'"),
+        0
+    );
+    assert_eq!(
+        count("SELECT MAX(c) FROM (SELECT COUNT(*) AS c FROM effects GROUP BY order_id, step)"),
+        1
+    );
+    assert_eq!(
+        count("SELECT qty FROM stock WHERE sku = 'sku-1'"),
+        1_000_000 - 2 * ORDERS as i64
+    );
+    assert_eq!(
+        count("SELECT SUM(cents) FROM charges WHERE refunded = 0"),
+        150 * ORDERS as i64
+    );
+    assert!(
+        restarts > 0,
+        "the drill crashed no worker; see {}",
+        run.sandbox.dir.display()
+    );
+    eprintln!(
+        "workflows: {ORDERS} orders completed through {restarts} worker crashes, {} handler calls for {} steps",
+        count("SELECT SUM(n) FROM calls"),
+        4 * ORDERS
+    );
+}
