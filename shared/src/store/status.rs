@@ -13,6 +13,7 @@ use crate::{
 pub const MAX_LIST: usize = 10_000;
 
 /// `new` merged into `old`: the state of the higher (or equal) rank, the larger counts.
+#[cfg_attr(not(any(feature = "embedded", feature = "postgres")), allow(dead_code))]
 pub(crate) fn merge(old: Option<Status>, new: &Status) -> Status {
     let Some(old) = old else { return new.clone() };
     let mut out = if new.state.rank() >= old.state.rank() {
@@ -72,6 +73,7 @@ impl AnyStore {
     }
 }
 
+#[cfg_attr(not(any(feature = "embedded", feature = "postgres")), allow(dead_code))]
 fn decode(doc: &str) -> Result<Status> {
     serde_json::from_str(doc)
         .map_err(|e| Error::Invalid(format!("a workflow status record does not decode: {e}")))
