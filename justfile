@@ -53,7 +53,7 @@ bench what *args:
         # lambda_runtime handler, both release builds, through the Runtime API stub.
         eval "$(scripts/moto.sh start)"
         trap 'scripts/moto.sh stop' EXIT
-        # The packaged build (`cargo lambda build --release`, its own optimisation flags).
+        # The packaged build (`cargo lambda build --profile lambda`, as `just package` zips it).
         just package >&2
         cargo build --release --quiet -p sluice-bench --bin bare-lambda --bin lambda-bench
         exec cargo run --release --quiet -p sluice-bench --bin lambda-bench -- {{args}}
@@ -95,7 +95,8 @@ package arch="x86_64":
     for dir in functions/*/; do
         fn=$(basename "$dir")
         [ -f "$dir/Cargo.toml" ] || continue
-        scripts/lambda.sh cargo-lambda build --release $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
+        # The size-first `lambda` profile (Cargo.toml, docs/lambda.md "Package").
+        scripts/lambda.sh cargo-lambda build --profile lambda $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
         zip="$target_dir/lambda/$fn/bootstrap.zip"
         bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
         printf '%-18s %-8s %12s %12s\n' $fn {{arch}} "$bin" "$(stat -c %s "$zip")"
