@@ -22,6 +22,7 @@
 )]
 mod support;
 
+mod bad_input;
 mod cli;
 mod e2e_charge_payment;
 mod embedded_transport;

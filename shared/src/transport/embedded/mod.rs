@@ -140,7 +140,7 @@ impl EmbeddedTransport {
         // The oldest visible rows, by the (queue, visible_at, seq) index.
         let candidates: Vec<(i64, i64)> = tx
             .prepare_cached(
-                "SELECT seq, receive_count FROM messages WHERE queue = ?1 AND visible_at <= ?2
+                "SELECT seq, CAST(receive_count AS INTEGER) FROM messages WHERE queue = ?1 AND visible_at <= ?2
                  ORDER BY visible_at, seq LIMIT ?3",
             )?
             .query_map(

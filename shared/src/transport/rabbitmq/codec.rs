@@ -131,6 +131,89 @@ pub(super) fn copy_headers(producer: &FieldTable, envelope: &Envelope) -> FieldT
     out
 }
 
+/// What a copy's header table may take: RabbitMQ's default `frame_max` (131072 bytes; the
+/// content header, properties and headers, travels in one frame) less room for the other
+/// properties (each short string is at most 255 bytes) and the frame's own bytes.
+pub(super) const COPY_HEADER_BUDGET: usize = 131_072 - 8 * 1024;
+
+/// [`copy_headers`], made to fit in [`COPY_HEADER_BUDGET`]. A copy the broker refuses would
+/// cost a lease per delivery until the crash-loop guard moved it, so something gives way, in
+/// this order: the last error is cut to 256 bytes (the envelope's first trimming step); then,
+/// if the producer's headers are what is too big (written with a raw client, past the
+/// adapter's `MAX_HEADER_BYTES`), the largest of them are left off the copy, named in the log,
+/// so that the reason stays; then the envelope is trimmed further (`Envelope::shrink`). The
+/// body is never touched.
+pub(super) fn fitted_copy_headers(producer: &FieldTable, envelope: &Envelope) -> FieldTable {
+    let fits = |h: &FieldTable| table_size(h) <= COPY_HEADER_BUDGET;
+    let mut envelope = envelope.clone();
+    let headers = copy_headers(producer, &envelope);
+    if fits(&headers) {
+        return headers;
+    }
+    if envelope
+        .failure
+        .as_ref()
+        .is_some_and(|f| f.last_error.len() > 256)
+    {
+        envelope.shrink();
+        let headers = copy_headers(producer, &envelope);
+        if fits(&headers) {
+            return headers;
+        }
+    }
+    let mut by_size: Vec<(usize, String)> = producer
+        .into_iter()
+        .map(|(k, v)| (k.as_str().len() + value_size(v), k.as_str().to_owned()))
+        .collect();
+    by_size.sort_unstable_by(|a, b| b.cmp(a));
+    let mut kept = producer.inner().clone();
+    let mut dropped = Vec::new();
+    for (_, name) in by_size {
+        kept.retain(|k, _| k.as_str() != name);
+        dropped.push(name);
+        let headers = copy_headers(&FieldTable::from(kept.clone()), &envelope);
+        if fits(&headers) {
+            tracing::warn!(
+                dropped = ?dropped,
+                "the copy's headers do not fit in one AMQP frame: the largest producer headers are left off it"
+            );
+            return headers;
+        }
+    }
+    let empty = FieldTable::default();
+    loop {
+        let headers = copy_headers(&empty, &envelope);
+        if fits(&headers) || !envelope.shrink() {
+            return headers;
+        }
+    }
+}
+
+/// The encoded size of a header table (AMQP 0-9-1 field table: a 4-byte length, then per
+/// entry a short-string name, a type byte and the value).
+pub(super) fn table_size(t: &FieldTable) -> usize {
+    4 + t
+        .into_iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum::<usize>()
+}
+
+fn value_size(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_size(t),
+        AMQPValue::Void => 0,
+    }
+}
+
 /// Producer headers as strings, names in lower case; a value that is not text is bad input.
 pub(super) fn producer_headers(t: &FieldTable) -> Result<Headers, Rejection> {
     let mut out = Headers::new();
