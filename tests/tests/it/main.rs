@@ -26,6 +26,7 @@ mod bad_input;
 mod cli;
 mod e2e_charge_payment;
 mod embedded_transport;
+mod fuzz_seeds;
 mod health;
 mod new_function;
 mod pipeline;

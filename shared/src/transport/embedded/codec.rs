@@ -163,3 +163,29 @@ pub(super) fn dead_letter(r: &Row<'_>, origin: Origin<'_>) -> rusqlite::Result<(
     );
     Ok((r.get(0)?, dl))
 }
+
+/// The fuzz target `embedded_row` (feature `fuzzing`): a row of any column types, read as a
+/// delivery and as a dead letter, as the transport reads them (through SQLite itself).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_row(columns: [rusqlite::types::Value; 6]) {
+    let conn = rusqlite::Connection::open_in_memory().expect("an in-memory database");
+    let [id, body, headers, envelope, count, at] = columns;
+    let d = conn
+        .query_row(
+            "SELECT 1, ?1, ?2, ?3, ?4, ?5, ?6, 7",
+            rusqlite::params![id, body, headers, envelope, count, at],
+            delivery,
+        )
+        .expect("any row reads as a delivery");
+    assert!(d.attempt >= 1 && d.envelope.enqueued_at.is_some());
+    let origin = Origin {
+        function: "f",
+        queue: "q",
+    };
+    conn.query_row(
+        "SELECT 1, ?1, ?2, ?3, ?4, ?5, ?6, ?5",
+        rusqlite::params![id, body, headers, envelope, at, count],
+        |r| dead_letter(r, origin),
+    )
+    .expect("any row reads as a dead letter");
+}

@@ -25,6 +25,8 @@ use std::{
 use rusqlite::{params, Connection};
 use tokio::sync::Notify;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::codec::fuzz_row;
 pub(crate) use self::schema::open_sqlite;
 use super::{Transport, TransportOptions};
 use crate::{

@@ -415,6 +415,36 @@ pub(super) fn returns(top: &FieldTable, redelivered: bool) -> u32 {
         .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+/// The fuzz target `amqp_headers` (feature `fuzzing`): a header table off the wire, through
+/// everything a delivery's headers go through, checking that a copy always fits in a frame and
+/// that its envelope reads back as written.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_headers(bytes: &[u8]) {
+    let Ok((_, top)) = lapin::types::parsing::parse_field_table(bytes) else {
+        return;
+    };
+    let now = SystemTime::now();
+    let _ = returns(&top, true);
+    let _ = first_death(&top);
+    for trusted in [false, true] {
+        let (producer, envelope) = split(&top, trusted, now);
+        let _ = producer_headers(&producer);
+        let _ = producer_headers_lossy(&producer);
+        let Ok(envelope) = envelope else { continue };
+        let copy = fitted_copy_headers(&producer, &envelope);
+        let bare = copy_headers(&FieldTable::default(), &Envelope::default());
+        assert!(
+            table_size(&copy) <= COPY_HEADER_BUDGET.max(table_size(&bare)),
+            "a copy's headers must fit in one frame"
+        );
+        // What a copy carries reads back, and a second trip changes nothing.
+        let (_, once) = split(&copy_headers(&producer, &envelope), true, now);
+        let once = once.expect("a copy's own envelope reads back");
+        let (_, twice) = split(&copy_headers(&producer, &once), true, now);
+        assert_eq!(twice.expect("reads back again"), once);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use lapin::types::FieldArray;
@@ -489,6 +519,35 @@ mod tests {
             AMQPValue::LongString(LongString::from(vec![0xff])),
         );
         assert!(producer_headers(&t).unwrap_err().1.contains("not UTF-8"));
+    }
+
+    #[test]
+    fn a_copy_fits_in_one_frame_and_its_size_is_counted_as_encoded() {
+        let mut t = FieldTable::default();
+        t.insert("x-a".into(), long_string("abc"));
+        t.insert("x-n".into(), AMQPValue::LongInt(7));
+        let mut nested = FieldTable::default();
+        nested.insert("k".into(), AMQPValue::Boolean(true));
+        t.insert("x-t".into(), AMQPValue::FieldTable(nested));
+        // 4 + (1+3+1+4+3) + (1+3+1+4) + (1+3+1 + 4+(1+1+1+1))
+        assert_eq!(table_size(&t), 4 + 12 + 9 + 14);
+        let mut big = FieldTable::default();
+        for i in 0..50 {
+            big.insert(
+                format!("x-h{i:02}").as_str().into(),
+                long_string(&"v".repeat(3000)),
+            );
+        }
+        let mut envelope = Envelope::default();
+        envelope.record_failure(&Failure::now(FailureClass::Permanent, "e".repeat(4000)));
+        let copy = fitted_copy_headers(&big, &envelope);
+        assert!(table_size(&copy) <= COPY_HEADER_BUDGET);
+        let (_, read) = split(&copy, true, SystemTime::now());
+        let read = read.unwrap();
+        assert!(
+            !read.failure.unwrap().last_error.is_empty(),
+            "the reason stays"
+        );
     }
 
     #[test]
