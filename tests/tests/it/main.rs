@@ -64,6 +64,9 @@ mod store_outage;
 #[cfg(feature = "s3")]
 mod s3_store;
 
+#[cfg(all(feature = "rabbitmq", feature = "postgres", feature = "redis"))]
+mod secrets;
+
 #[cfg(feature = "sqs")]
 mod sqs_e2e;
 #[cfg(feature = "sqs")]
