@@ -65,6 +65,10 @@ bench what *args:
     cargo build --release --quiet -p sluice-bench --bin bench
     cargo run --release --quiet -p sluice-bench --bin bench -- {{what}} {{args}}
 
+# Fuzz the decoders of untrusted input (fuzz/, docs/reliability.md#fuzzing): `just fuzz` (every target, 60 s each), `just fuzz amqp_headers 300`; installs cargo-fuzz once.
+fuzz target="" seconds="60":
+    scripts/fuzz.sh run "{{target}}" {{seconds}}
+
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:
     scripts/services.sh postgres redis rabbitmq

@@ -32,7 +32,8 @@ targets() {
 run() {
     local target=$1 secs=$2
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
-    RUSTC_BOOTSTRAP=1 "$TOOLS/bin/cargo-fuzz" run --fuzz-dir fuzz -s none --debug-assertions "$target" \
+    RUSTC_BOOTSTRAP=1 "$TOOLS/bin/cargo-fuzz" run --fuzz-dir fuzz -s none --debug-assertions \
+        --target-dir "${CARGO_TARGET_DIR:-target}/fuzz" "$target" \
         "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 \
         -artifact_prefix="fuzz/artifacts/$target/"
