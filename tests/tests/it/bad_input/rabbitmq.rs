@@ -14,6 +14,9 @@ use sluice_tests::rabbit::Vhost;
 
 use super::*;
 
+/// Headers as AMQP values, in order.
+type Amqp = Vec<(String, AMQPValue)>;
+
 fn long(s: &[u8]) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.to_vec()))
 }
@@ -74,7 +77,7 @@ async fn every_bad_message_is_dead_lettered_at_once_with_its_bytes_and_a_reason(
     let mut sent = Vec::new();
     for (i, case) in corpus::common(false).iter().enumerate() {
         let id = format!("bi-{i}");
-        let headers: Vec<(String, AMQPValue)> = case
+        let headers: Amqp = case
             .headers
             .iter()
             .map(|(k, v)| (k.clone(), long(v.as_bytes())))
@@ -161,7 +164,7 @@ async fn every_bad_message_is_dead_lettered_at_once_with_its_bytes_and_a_reason(
 
     // Posing as Sluice's own copies (default exchange, sluice-retries set): the envelope is
     // checked and a malformed one is bad input.
-    let forged: Vec<(&str, Vec<(String, AMQPValue)>, &str)> = vec![
+    let forged: Vec<(&str, Amqp, &str)> = vec![
         (
             "copy with an overflowing count",
             vec![("sluice-retries".into(), long(b"4294967296"))],
@@ -235,7 +238,7 @@ async fn every_bad_message_is_dead_lettered_at_once_with_its_bytes_and_a_reason(
     // 43 headers of 3000 bytes and one to pad the table to 130,600 bytes (each entry: a name
     // length byte, the name, a type byte, a 4-byte length, the value): the copy's envelope
     // would take it past 131,072.
-    let mut big: Vec<(String, AMQPValue)> = (0..43)
+    let mut big: Amqp = (0..43)
         .map(|i| (format!("x-h{i:02}"), long(&[b'v'; 3000])))
         .collect();
     big.push(("x-pad".into(), long(&[b'p'; 1112])));
