@@ -529,16 +529,17 @@ mod tests {
         let mut nested = FieldTable::default();
         nested.insert("k".into(), AMQPValue::Boolean(true));
         t.insert("x-t".into(), AMQPValue::FieldTable(nested));
-        t.insert("x-l".into(), AMQPValue::FieldArray(vec![AMQPValue::Void].into()));
+        t.insert(
+            "x-l".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::Void].into()),
+        );
         t.insert("x-s".into(), AMQPValue::ShortString("s".into()));
         t.insert("x-d".into(), AMQPValue::Double(1.5));
         t.insert("x-b".into(), AMQPValue::ByteArray(vec![1u8, 2].into()));
         // As lapin encodes it on the wire.
-        let encoded = cookie_factory::gen_simple(
-            lapin::types::generation::gen_field_table(&t),
-            Vec::new(),
-        )
-        .unwrap();
+        let encoded =
+            cookie_factory::gen_simple(lapin::types::generation::gen_field_table(&t), Vec::new())
+                .unwrap();
         assert_eq!(table_size(&t), encoded.len());
         let mut big = FieldTable::default();
         for i in 0..50 {
