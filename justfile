@@ -41,6 +41,10 @@ test: lint
     scripts/infra-check.sh
     # sluice with no feature, with each feature alone and with all: each combination compiles.
     scripts/check-features.sh
+    # The fuzz targets' seeds and regressions run in nextest (fuzz_seeds::*). Fuzzing itself
+    # needs an instrumented build of its own (cold: about COLD minutes here), too costly for every
+    # CI run: SLUICE_FUZZ_SECONDS=5 just test adds a short run of each target.
+    if [ -n "${SLUICE_FUZZ_SECONDS:-}" ]; then scripts/fuzz.sh run "" "$SLUICE_FUZZ_SECONDS"; fi
     cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
@@ -64,6 +68,10 @@ bench what *args:
     fi
     cargo build --release --quiet -p sluice-bench --bin bench
     cargo run --release --quiet -p sluice-bench --bin bench -- {{what}} {{args}}
+
+# Fuzz the decoders of untrusted input (fuzz/, docs/reliability.md#fuzzing): `just fuzz` (every target, 60 s each), `just fuzz amqp_headers 300`; installs cargo-fuzz once.
+fuzz target="" seconds="60":
+    scripts/fuzz.sh run "{{target}}" {{seconds}}
 
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:

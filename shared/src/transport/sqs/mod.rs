@@ -38,6 +38,8 @@ use std::{sync::Arc, time::Duration};
 pub use aws_sdk_sqs;
 use aws_sdk_sqs::Client;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::codec::fuzz_round_trip;
 #[cfg(feature = "lambda")]
 pub(crate) use self::codec::{decode_message, Received};
 pub use self::{
