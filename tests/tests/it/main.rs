@@ -40,6 +40,9 @@ mod lambda_mode;
 #[cfg(feature = "lambda")]
 mod local_esm;
 
+// The harness binary is built with every transport; the short runs need PostgreSQL.
+#[cfg(feature = "postgres")]
+mod chaos;
 #[cfg(feature = "postgres")]
 mod e2e_exactly_once;
 #[cfg(feature = "postgres")]
