@@ -10,12 +10,8 @@
 //! every poison message dead-lettered; 1: a promise broken (the table says which); 2: the run
 //! could not be made.
 //!
-//! Layout: `mix` (the messages), `target` (the servers, the proxies, the ledger), `workers`
-//! (the processes), this file (the schedule of faults and the report).
-
-mod mix;
-mod target;
-mod workers;
+//! The library beside it holds the messages, the servers and the processes; this file is the
+//! schedule of faults and the report.
 
 use std::{
     io::IsTerminal,
@@ -29,7 +25,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{rngs::StdRng, SeedableRng};
 use sluice_tests::{function_binary, report, Sandbox};
 
-use crate::{
+use sluice_chaos::{
+    mix,
     target::{check_servers, Kind, Ledger, Target},
     workers::Pool,
 };

@@ -181,9 +181,13 @@ impl Target {
 /// Queue depths.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pending {
+    /// Visible now.
     pub ready: u64,
+    /// Leased by some worker (RabbitMQ: unacked, asked of the broker).
     pub in_flight: u64,
+    /// Waiting for a retry delay.
     pub delayed: u64,
+    /// On the dead-letter queue.
     pub dead_lettered: u64,
 }
 

@@ -103,6 +103,11 @@ impl Pool {
         self.spawn(i)
     }
 
+    /// The process ids running now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.slots.iter().flatten().map(Child::id).collect()
+    }
+
     /// SIGTERM to every worker, as a deploy does; SIGKILL for those still up after `grace`.
     /// Returns the exit statuses of those that stopped in time.
     pub async fn stop(&mut self, grace: Duration) -> Vec<ExitStatus> {
