@@ -87,7 +87,13 @@ struct Outcome {
     charged: u64,
     charged_distinct: u64,
     poison_charged: u64,
+    /// Distinct messages on the dead-letter queue.
     dead_lettered: u64,
+    /// Dead letters beyond one per message (a worker killed or cut off between writing the
+    /// dead letter and acking the message writes it again on the next delivery).
+    dead_letter_copies: u64,
+    /// Valid payments found on the dead-letter queue (must be 0), with their reasons.
+    valid_dead_lettered: Vec<String>,
     kills: u64,
     cuts: u64,
     store_down_s: f64,
@@ -115,6 +121,13 @@ impl Outcome {
         }
         if self.poison_charged > 0 {
             v.push(format!("{} poison messages charged", self.poison_charged));
+        }
+        if !self.valid_dead_lettered.is_empty() {
+            v.push(format!(
+                "{} valid payments dead-lettered: {:?}",
+                self.valid_dead_lettered.len(),
+                self.valid_dead_lettered
+            ));
         }
         if self.dead_lettered != self.poison {
             v.push(format!(
@@ -340,7 +353,21 @@ async fn chaos(args: &Args) -> anyhow::Result<Outcome> {
     out.charged = counts.charges;
     out.charged_distinct = counts.distinct;
     out.poison_charged = counts.poison_charged;
-    out.dead_lettered = final_pending.dead_lettered;
+    // The dead letters themselves: one per poison message, none for a valid payment.
+    let letters = sluice::Transport::dlq_list(
+        &target.queue_handle,
+        final_pending.dead_lettered as usize + 100,
+    )
+    .await?;
+    let ids: std::collections::HashSet<&str> = letters.iter().map(|d| d.id.as_str()).collect();
+    out.dead_lettered = ids.len() as u64;
+    out.dead_letter_copies = final_pending.dead_lettered.saturating_sub(ids.len() as u64);
+    let valid_marker = format!("{prefix}pay-");
+    out.valid_dead_lettered = letters
+        .iter()
+        .filter(|d| d.body.as_deref().is_some_and(|b| b.contains(&valid_marker)))
+        .map(|d| format!("{} ({:?}: {})", d.id, d.error_class, d.last_error))
+        .collect();
     out.kills = pool.kills;
     out.unplanned_exits = pool.exits.len() as u64;
     out.starts = pool.starts;
@@ -381,6 +408,8 @@ fn json(args: &Args, o: &Outcome, violations: &[String]) -> String {
         "charged_twice": o.charged_twice(),
         "poison_charged": o.poison_charged,
         "dead_lettered": o.dead_lettered,
+        "dead_letter_copies": o.dead_letter_copies,
+        "valid_dead_lettered": o.valid_dead_lettered.len(),
         "kills": o.kills,
         "cuts": o.cuts,
         "store_down_s": report::round1(o.store_down_s),
