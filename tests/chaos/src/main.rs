@@ -438,6 +438,10 @@ fn print_report(args: &Args, o: &Outcome, violations: &[String]) {
             "dead-lettered (must equal poison)".into(),
             n(o.dead_lettered),
         ),
+        (
+            "  written twice (kill or cut before the ack)".into(),
+            n(o.dead_letter_copies),
+        ),
         ("workers SIGKILLed".into(), n(o.kills)),
         ("connections cut".into(), n(o.cuts)),
         ("store held down".into(), format!("{:.1} s", o.store_down_s)),
