@@ -94,6 +94,8 @@ struct Outcome {
     dead_letter_copies: u64,
     /// Valid payments found on the dead-letter queue (must be 0), with their reasons.
     valid_dead_lettered: Vec<String>,
+    /// Messages still queued once the workers were stopped (must be 0 after a drain).
+    left_after_stop: u64,
     kills: u64,
     cuts: u64,
     store_down_s: f64,
@@ -133,6 +135,12 @@ impl Outcome {
             v.push(format!(
                 "{} dead-lettered, {} poison sent",
                 self.dead_lettered, self.poison
+            ));
+        }
+        if self.left_after_stop > 0 {
+            v.push(format!(
+                "{} messages still queued after the workers stopped",
+                self.left_after_stop
             ));
         }
         if !self.drained {
@@ -354,20 +362,19 @@ async fn chaos(args: &Args) -> anyhow::Result<Outcome> {
     out.charged_distinct = counts.distinct;
     out.poison_charged = counts.poison_charged;
     // The dead letters themselves: one per poison message, none for a valid payment.
-    let letters = sluice::Transport::dlq_list(
-        &target.queue_handle,
-        final_pending.dead_lettered as usize + 100,
-    )
-    .await?;
-    let ids: std::collections::HashSet<&str> = letters.iter().map(|d| d.id.as_str()).collect();
-    out.dead_lettered = ids.len() as u64;
-    out.dead_letter_copies = final_pending.dead_lettered.saturating_sub(ids.len() as u64);
-    let valid_marker = format!("{prefix}pay-");
-    out.valid_dead_lettered = letters
-        .iter()
-        .filter(|d| d.body.as_deref().is_some_and(|b| b.contains(&valid_marker)))
-        .map(|d| format!("{} ({:?}: {})", d.id, d.error_class, d.last_error))
-        .collect();
+    let letters = target.dead_letters(&format!("{prefix}pay-")).await?;
+    out.dead_lettered = letters.distinct;
+    out.dead_letter_copies = letters.copies;
+    out.valid_dead_lettered = letters.valid;
+    out.left_after_stop = final_pending.ready + final_pending.delayed + final_pending.in_flight;
+    if out.lost() > 0 {
+        let missing = ledger.missing(&mix.valid_ids).await?;
+        eprintln!(
+            "never charged ({}): {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+    }
     out.kills = pool.kills;
     out.unplanned_exits = pool.exits.len() as u64;
     out.starts = pool.starts;
@@ -410,6 +417,7 @@ fn json(args: &Args, o: &Outcome, violations: &[String]) -> String {
         "dead_lettered": o.dead_lettered,
         "dead_letter_copies": o.dead_letter_copies,
         "valid_dead_lettered": o.valid_dead_lettered.len(),
+        "left_after_stop": o.left_after_stop,
         "kills": o.kills,
         "cuts": o.cuts,
         "store_down_s": report::round1(o.store_down_s),

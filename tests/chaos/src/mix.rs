@@ -13,6 +13,8 @@ pub struct Mix {
     pub messages: Vec<OutgoingMessage>,
     /// Distinct valid payments: each must be charged once.
     pub distinct_valid: u64,
+    /// Their payment ids.
+    pub valid_ids: Vec<String>,
     /// Extra copies of valid payments (same body, so the same idempotency key).
     pub duplicates: u64,
     /// Poison sent, by kind: each must be dead-lettered, none charged.
@@ -38,6 +40,7 @@ pub fn generate(n: usize, seed: u64, prefix: &str) -> Mix {
     let mut mix = Mix {
         messages: Vec::with_capacity(n),
         distinct_valid: 0,
+        valid_ids: Vec::new(),
         duplicates: 0,
         poison: BTreeMap::new(),
     };
@@ -84,7 +87,9 @@ pub fn generate(n: usize, seed: u64, prefix: &str) -> Mix {
             OutgoingMessage::new(valid[rng.gen_range(0..valid.len())].clone())
         } else {
             mix.distinct_valid += 1;
-            let b = body(&format!("{prefix}pay-{i:06}"), rng.gen_range(100..50_000));
+            let id = format!("{prefix}pay-{i:06}");
+            let b = body(&id, rng.gen_range(100..50_000));
+            mix.valid_ids.push(id);
             valid.push(b.clone());
             OutgoingMessage::new(b)
         };

@@ -158,6 +158,11 @@ impl Target {
         })
     }
 
+    /// RabbitMQ: the run's virtual host.
+    pub fn vhost_name(&self) -> Option<&str> {
+        self.vhost.as_ref().map(|v| v.name.as_str())
+    }
+
     /// Messages not settled yet: ready, leased (by any worker) and delayed.
     pub async fn pending(&self) -> anyhow::Result<Pending> {
         let s = sluice::Transport::stats(&self.queue_handle).await?;
@@ -218,7 +223,12 @@ pub struct LedgerCounts {
 impl Ledger {
     /// Connects for the run whose payment ids start with `prefix`.
     pub async fn connect(prefix: &str) -> anyhow::Result<Self> {
-        let (client, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        Self::connect_to(&postgres_url(), prefix).await
+    }
+
+    /// [`Ledger::connect`] to the database of `url`.
+    pub async fn connect_to(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .context("connecting to PostgreSQL (scripts/services.sh postgres)")?;
         tokio::spawn(conn);
@@ -257,6 +267,56 @@ impl Ledger {
             distinct: n(1),
             poison_charged: n(2),
         })
+    }
+}
+
+/// What the dead-letter queue holds for a run.
+#[derive(Debug, Default)]
+pub struct DeadLetters {
+    /// Distinct messages.
+    pub distinct: u64,
+    /// Copies beyond one per message (the dead letter written again after a cut or a kill
+    /// before the ack, or a publish retried after a lost confirm).
+    pub copies: u64,
+    /// Valid payments found there, with their class and reason (must be none).
+    pub valid: Vec<String>,
+}
+
+impl Target {
+    /// Reads the dead-letter queue (a peek: nothing is consumed). `valid_marker` is the text
+    /// only valid payments' bodies contain.
+    pub async fn dead_letters(&self, valid_marker: &str) -> anyhow::Result<DeadLetters> {
+        let total = self.pending().await?.dead_lettered;
+        let letters = sluice::Transport::dlq_list(&self.queue_handle, total as usize + 100).await?;
+        let ids: std::collections::HashSet<&str> = letters.iter().map(|d| d.id.as_str()).collect();
+        Ok(DeadLetters {
+            distinct: ids.len() as u64,
+            copies: total.saturating_sub(ids.len() as u64),
+            valid: letters
+                .iter()
+                .filter(|d| d.body.as_deref().is_some_and(|b| b.contains(valid_marker)))
+                .map(|d| format!("{} ({:?}: {})", d.id, d.error_class, d.last_error))
+                .collect(),
+        })
+    }
+}
+
+impl Ledger {
+    /// The valid payments of `expected` that have no charge.
+    pub async fn missing(&self, expected: &[String]) -> anyhow::Result<Vec<String>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT DISTINCT payment_id FROM charge_ledger WHERE payment_id LIKE $1",
+                &[&format!("{}pay-%", self.prefix)],
+            )
+            .await?;
+        let charged: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        Ok(expected
+            .iter()
+            .filter(|id| !charged.contains(*id))
+            .cloned()
+            .collect())
     }
 }
 

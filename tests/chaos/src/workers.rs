@@ -103,6 +103,23 @@ impl Pool {
         self.spawn(i)
     }
 
+    /// Replaces the environment of the workers started from now on (a rotated secret).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Starts every slot that has no process (after [`Pool::stop`]).
+    pub fn restart_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.slots.len() {
+            if self.slots[i].is_none() {
+                self.restart_at[i] = None;
+                self.spawn(i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The process ids running now.
     pub fn pids(&self) -> Vec<u32> {
         self.slots.iter().flatten().map(Child::id).collect()

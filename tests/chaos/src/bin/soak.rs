@@ -219,10 +219,23 @@ async fn soak(args: &Args) -> anyhow::Result<bool> {
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let drained = empty >= 2;
     pool.stop(Duration::from_secs(20)).await;
+    // With no worker left, whatever is still queued is ready (or delayed) again.
+    let left = target.pending().await?;
     let counts = ledger.counts().await?;
-    let dead = target.pending().await?.dead_lettered;
+    let letters = target.dead_letters(&format!("{prefix}pay-")).await?;
+    let dead = letters.distinct;
     let lost = mix.distinct_valid.saturating_sub(counts.distinct);
+    if lost > 0 || !drained || !left.is_empty() || !letters.valid.is_empty() {
+        let missing = ledger.missing(&mix.valid_ids).await?;
+        eprintln!(
+            "drained: {drained}; left in the queue after the stop: {left:?}; valid payments on the DLQ: {:?}; never charged ({}): {:?}",
+            letters.valid,
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+    }
     let twice = counts.charges - counts.distinct;
     // Warm-up (pools filling, allocator arenas growing) is the first minute.
     let steady: Vec<(f64, f64)> = samples
@@ -236,7 +249,12 @@ async fn soak(args: &Args) -> anyhow::Result<bool> {
     let max_fds = samples.iter().map(|s| s.fds).max().unwrap_or(0);
     let max_sockets = samples.iter().map(|s| s.sockets).max().unwrap_or(0);
     let slope_ok = args.max_slope.is_none_or(|m| kb_per_min <= m);
-    let ok = lost == 0 && twice == 0 && dead == mix.poison_total() && slope_ok;
+    let ok = lost == 0
+        && twice == 0
+        && dead == mix.poison_total()
+        && letters.valid.is_empty()
+        && drained
+        && slope_ok;
     if args.json {
         println!(
             "{}",
@@ -244,7 +262,9 @@ async fn soak(args: &Args) -> anyhow::Result<bool> {
                 "transport": args.transport.name(),
                 "minutes": report::round1(started.elapsed().as_secs_f64() / 60.0),
                 "sent": total, "lost": lost, "charged_twice": twice,
-                "dead_lettered": dead, "poison": mix.poison_total(), "cuts": cuts,
+                "dead_lettered": dead, "dead_letter_copies": letters.copies,
+                "valid_dead_lettered": letters.valid.len(), "drained": drained,
+                "poison": mix.poison_total(), "cuts": cuts,
                 "rss_first_kb": first.map(|s| s.rss_kb), "rss_last_kb": last.map(|s| s.rss_kb),
                 "rss_slope_kb_per_min": report::round1(kb_per_min),
                 "fds_max": max_fds, "sockets_max": max_sockets, "ok": ok,
@@ -291,6 +311,8 @@ async fn soak(args: &Args) -> anyhow::Result<bool> {
                 "dead-lettered / poison".into(),
                 format!("{} / {}", n(dead), n(mix.poison_total())),
             ),
+            ("  dead letters written twice".into(), n(letters.copies)),
+            ("drained at the end".into(), drained.to_string()),
             ("connections cut".into(), n(cuts)),
             (
                 "RSS first / last".into(),
