@@ -44,6 +44,8 @@ mod local_esm;
 // The harness binary is built with every transport; the short runs need PostgreSQL.
 #[cfg(feature = "postgres")]
 mod chaos;
+#[cfg(all(feature = "postgres", feature = "rabbitmq"))]
+mod drills;
 #[cfg(feature = "postgres")]
 mod e2e_exactly_once;
 #[cfg(feature = "postgres")]
