@@ -160,6 +160,10 @@ impl AnyTransport {
                     max_hold: rabbitmq::RabbitConfig::hold_within(
                         settings.transport.consumer_timeout,
                     ),
+                    tls_ca_pem: crate::config::read_ca_file(
+                        "transport.tls_ca_file",
+                        settings.transport.tls_ca_file.as_deref(),
+                    )?,
                     ..rabbitmq::RabbitConfig::default()
                 };
                 Ok(AnyTransport::Rabbitmq(
