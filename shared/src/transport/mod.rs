@@ -59,6 +59,10 @@ pub enum Purpose {
     Work,
     /// Every other command: creates nothing (`provision` does, by calling it).
     Admin,
+    /// Lambda mode: creates nothing and looks nothing up before the first event (SQS finds its
+    /// queues on the first copy it sends: a retry or a dead letter), so a cold start makes no
+    /// network call.
+    Lambda,
 }
 
 impl TransportOptions {
@@ -156,11 +160,19 @@ impl AnyTransport {
                     max_hold: rabbitmq::RabbitConfig::hold_within(
                         settings.transport.consumer_timeout,
                     ),
+                    tls_ca_pem: crate::config::read_ca_file(
+                        "transport.tls_ca_file",
+                        settings.transport.tls_ca_file.as_deref(),
+                    )?,
                     ..rabbitmq::RabbitConfig::default()
                 };
                 Ok(AnyTransport::Rabbitmq(
                     rabbitmq::RabbitTransport::open_with(opts, config).await?,
                 ))
+            }
+            #[cfg(feature = "sqs")]
+            TransportKind::Sqs if purpose == Purpose::Lambda => {
+                Ok(AnyTransport::Sqs(sqs::SqsTransport::open_lazy(opts).await?))
             }
             #[cfg(feature = "sqs")]
             TransportKind::Sqs => Ok(AnyTransport::Sqs(sqs::SqsTransport::open(opts).await?)),

@@ -19,7 +19,7 @@ use crate::{
     error::Result,
     message::{Delivery, OutgoingMessage},
     store::Token,
-    transport::{AnyTransport, Purpose, Transport},
+    transport::{AnyTransport, Transport},
     workflow::{
         flow::{EventKind, Handoff, Next, StepRecord},
         status::{State, Status},
@@ -338,15 +338,15 @@ impl Runtime {
         outbox.publish(vec![msg]).await.map(|_| ())
     }
 
-    /// The handle on `queue`: this worker's own transport for its own queue, else one opened
-    /// once with the same settings (it creates the queue when `transport.declare` is on).
+    /// The handle on `queue`: one opened once with this worker's settings and purpose (`run`
+    /// creates the queue when `transport.declare` is on; Lambda mode creates nothing).
     async fn outbox(&self, queue: &str) -> Result<Arc<AnyTransport>> {
         let mut boxes = self.outboxes.lock().await;
         if let Some(t) = boxes.get(queue) {
             return Ok(t.clone());
         }
         let settings = self.settings.for_queue(queue);
-        let t = Arc::new(AnyTransport::open(&self.function, &settings, Purpose::Work).await?);
+        let t = Arc::new(AnyTransport::open(&self.function, &settings, self.purpose).await?);
         boxes.insert(queue.to_owned(), t.clone());
         Ok(t)
     }

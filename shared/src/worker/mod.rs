@@ -28,7 +28,7 @@ use crate::{
     retry::RetryPolicy,
     store::front::StoreFront,
     telemetry::{health::Health, Labels, Metrics},
-    transport::{AnyTransport, Transport},
+    transport::{AnyTransport, Purpose, Transport},
 };
 
 /// Everything a worker needs, built once at start-up (`Function::build`, `run`, Lambda mode).
@@ -42,6 +42,8 @@ pub struct Runtime {
     pub(crate) compensation: Option<Arc<dyn Job>>,
     /// Handles on the queues slips are forwarded to, opened on first use.
     pub(crate) outboxes: flow::Outboxes,
+    /// What the transport was opened for: the outboxes are opened the same way.
+    pub(crate) purpose: Purpose,
     pub(crate) schema_versions: Vec<String>,
     pub(crate) policy: RetryPolicy,
     pub(crate) breaker: CircuitBreaker,
@@ -61,6 +63,7 @@ pub(crate) struct Parts {
     pub(crate) store: Option<StoreFront>,
     pub(crate) job: Arc<dyn Job>,
     pub(crate) compensation: Option<Arc<dyn Job>>,
+    pub(crate) purpose: Purpose,
 }
 
 impl Runtime {
@@ -81,6 +84,7 @@ impl Runtime {
             job: p.job,
             compensation: p.compensation,
             outboxes: flow::Outboxes::default(),
+            purpose: p.purpose,
             schema_versions: p.schema_versions,
             metrics: Metrics::new(labels),
             health: p.health,
