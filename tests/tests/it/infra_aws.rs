@@ -295,15 +295,22 @@ fn sluice_infra_check_names_the_template_that_drifted_from_a_changed_sluice_toml
     let bin = function_binary("sluice-infra").unwrap();
     let root = tempfile::tempdir().unwrap();
     copy_tree(&repo_root().join("infra"), &root.path().join("infra"));
-    for f in ["charge-payment", "deliver-webhook"] {
-        let dir = root.path().join("functions").join(f);
+    // Every function's settings, and the workflows (their step queues are in the RabbitMQ
+    // definitions).
+    for entry in std::fs::read_dir(repo_root().join("functions")).unwrap() {
+        let f = entry.unwrap().file_name();
+        let dir = root.path().join("functions").join(&f);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(
-            repo_root().join("functions").join(f).join("sluice.toml"),
+            repo_root().join("functions").join(&f).join("sluice.toml"),
             dir.join("sluice.toml"),
         )
         .unwrap();
     }
+    copy_tree(
+        &repo_root().join("workflows"),
+        &root.path().join("workflows"),
+    );
     let check = || {
         Command::new(&bin)
             .arg("--root")
