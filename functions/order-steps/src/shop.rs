@@ -140,3 +140,29 @@ impl Shop {
         Ok(qty.unwrap_or(self.initial_stock))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_effect_is_applied_once_per_key_and_undone_by_its_compensation() {
+        let dir = tempfile::tempdir().unwrap();
+        let shop = Shop::open(&dir.path().join("shop.db"), 10).unwrap();
+        let reserve = || Effect::Reserve { sku: "s", qty: 3 };
+        assert!(shop
+            .apply("wf:o:0:forward", "o", "reserve", "forward", reserve())
+            .unwrap());
+        assert!(!shop
+            .apply("wf:o:0:forward", "o", "reserve", "forward", reserve())
+            .unwrap());
+        assert_eq!(shop.stock("s").unwrap(), 7, "reserved once");
+        let release = Effect::Release { sku: "s", qty: 3 };
+        assert!(shop
+            .apply("wf:o:0:compensate", "o", "reserve", "compensate", release)
+            .unwrap());
+        assert_eq!(shop.stock("s").unwrap(), 10);
+        assert_eq!(shop.call("o", "reserve", "forward").unwrap(), 1);
+        assert_eq!(shop.call("o", "reserve", "forward").unwrap(), 2);
+    }
+}
