@@ -165,6 +165,8 @@ class Exporter:
             ("charge-payment", "1.3.0"),
             ("deliver-webhook", "1.2.0"),
             ("deliver-webhook", "1.3.0"),
+            ("order-steps", "1.2.0"),
+            ("order-steps", "1.3.0"),
         ):
             base = f'function="{fn}",queue="{fn}",version="{version}"'
             for outcome, cls, per in (
