@@ -40,8 +40,24 @@ impl Shop {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(SCHEMA)?;
+        // Workers of every step open the file at once: switching it to WAL takes a lock the
+        // busy timeout does not wait for, so the first opens try again for a few seconds.
+        let mut tries = 0;
+        loop {
+            match conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|()| conn.execute_batch(SCHEMA))
+            {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 50 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Shop {
             conn: Mutex::new(conn),
             initial_stock,

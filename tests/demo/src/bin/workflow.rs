@@ -327,6 +327,8 @@ async fn demo(args: &Args) -> anyhow::Result<bool> {
         for (q, n, child) in &mut workers.procs {
             if let Some(status) = child.try_wait()? {
                 bar.abandon();
+                let (q, n) = (q.clone(), *n);
+                workers.stop()?;
                 bail!(
                     "worker {q}#{n} exited with {status}; see {}",
                     sandbox.dir.join(format!("{q}-{n}.log")).display()
@@ -334,28 +336,37 @@ async fn demo(args: &Args) -> anyhow::Result<bool> {
             }
         }
         // Everything not terminal is waiting in a dead-letter queue: redrive the
-        // compensations that failed (their class is transient: retries used up).
+        // compensations that failed (retries used up: transient) and the copies the crash-loop
+        // guard moved (a delivery cut short by the SIGKILL counted towards it); the steps
+        // that faulted (permanent) stay.
         let waiting = count(State::CompensationFailed);
         if waiting > 0 && waiting + done == orders.len() {
             for q in def.queues() {
                 let t = open_queue(&sandbox, &q).await?;
-                let moved = t
-                    .redrive(&sluice::message::RedriveFilter {
-                        error_class: Some(sluice::FailureClass::Transient),
-                        ..Default::default()
-                    })
-                    .await?;
-                if !moved.is_empty() {
-                    bar.println(format!(
-                        "redrove {} failed compensation(s) on {q}",
-                        moved.len()
-                    ));
+                for class in [
+                    sluice::FailureClass::Transient,
+                    sluice::FailureClass::CrashLoop,
+                ] {
+                    let moved = t
+                        .redrive(&sluice::message::RedriveFilter {
+                            error_class: Some(class),
+                            ..Default::default()
+                        })
+                        .await?;
+                    if !moved.is_empty() {
+                        bar.println(format!(
+                            "redrove {} failed compensation(s) on {q} ({})",
+                            moved.len(),
+                            class.as_str()
+                        ));
+                    }
+                    redriven += moved.len();
                 }
-                redriven += moved.len();
             }
         }
         if Instant::now() > deadline {
             bar.abandon();
+            workers.stop()?;
             bail!(
                 "orders did not settle within 10 minutes; see the logs in {}",
                 sandbox.dir.display()
