@@ -41,6 +41,10 @@ test: lint
     scripts/infra-check.sh
     # sluice with no feature, with each feature alone and with all: each combination compiles.
     scripts/check-features.sh
+    # The fuzz targets' seeds and regressions run in nextest (fuzz_seeds::*). Fuzzing itself
+    # needs an instrumented build of its own (cold: about COLD minutes here), too costly for every
+    # CI run: SLUICE_FUZZ_SECONDS=5 just test adds a short run of each target.
+    if [ -n "${SLUICE_FUZZ_SECONDS:-}" ]; then scripts/fuzz.sh run "" "$SLUICE_FUZZ_SECONDS"; fi
     cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
@@ -53,7 +57,7 @@ bench what *args:
         # lambda_runtime handler, both release builds, through the Runtime API stub.
         eval "$(scripts/moto.sh start)"
         trap 'scripts/moto.sh stop' EXIT
-        # The packaged build (`cargo lambda build --release`, its own optimisation flags).
+        # The packaged build (`cargo lambda build --profile lambda`, as `just package` zips it).
         just package >&2
         cargo build --release --quiet -p sluice-bench --bin bare-lambda --bin lambda-bench
         exec cargo run --release --quiet -p sluice-bench --bin lambda-bench -- {{args}}
@@ -64,6 +68,10 @@ bench what *args:
     fi
     cargo build --release --quiet -p sluice-bench --bin bench
     cargo run --release --quiet -p sluice-bench --bin bench -- {{what}} {{args}}
+
+# Fuzz the decoders of untrusted input (fuzz/, docs/reliability.md#fuzzing): `just fuzz` (every target, 60 s each), `just fuzz amqp_headers 300`; installs cargo-fuzz once.
+fuzz target="" seconds="60":
+    scripts/fuzz.sh run "{{target}}" {{seconds}}
 
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:
@@ -95,7 +103,8 @@ package arch="x86_64":
     for dir in functions/*/; do
         fn=$(basename "$dir")
         [ -f "$dir/Cargo.toml" ] || continue
-        scripts/lambda.sh cargo-lambda build --release $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
+        # The size-first `lambda` profile (Cargo.toml, docs/lambda.md "Package").
+        scripts/lambda.sh cargo-lambda build --profile lambda $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
         zip="$target_dir/lambda/$fn/bootstrap.zip"
         bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
         printf '%-18s %-8s %12s %12s\n' $fn {{arch}} "$bin" "$(stat -c %s "$zip")"

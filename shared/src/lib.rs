@@ -61,7 +61,8 @@
 //! event types of aws_lambda_events; implies `sqs`), `postgres` (tokio-postgres + deadpool),
 //! `redis`, `s3` (aws-sdk-s3), `conformance`; and `faults` (the `[fault]` settings: injected
 //! failures, latency, panics, crashes and poison, for demos, drills and tests; a binary built
-//! without it refuses a `fault.*` key at start). A Lambda build (`--no-default-features
+//! without it refuses a `fault.*` key at start); `fuzzing` (entry points for the fuzz targets
+//! in `fuzz/`, hidden from the docs: not an API). A Lambda build (`--no-default-features
 //! --features lambda`) links no lapin.
 //!
 //! # Dependencies
@@ -93,6 +94,9 @@ pub mod dlq;
 pub mod envelope;
 pub mod error;
 pub mod function;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 mod job;
 #[cfg(feature = "lambda")]

@@ -148,6 +148,10 @@ pub struct LedgerCounts {
     pub charges: u64,
     /// Distinct payment ids charged.
     pub distinct_payments: u64,
+    /// Gateway calls answered from an earlier charge of the same idempotency key: the
+    /// gateway absorbed a duplicate that Sluice ran the handler for. 0 unless a worker died
+    /// between a charge and its record.
+    pub replays: u64,
 }
 
 /// Reads the ledger (zero if it does not exist yet).
@@ -170,9 +174,14 @@ pub fn ledger_counts(path: &Path) -> anyhow::Result<LedgerCounts> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    // Ledgers written before the gateway recorded replays have no such table.
+    let replays: i64 = conn
+        .query_row("SELECT COUNT(*) FROM replays", [], |r| r.get(0))
+        .unwrap_or(0);
     Ok(LedgerCounts {
         charges: charges as u64,
         distinct_payments: distinct as u64,
+        replays: replays as u64,
     })
 }
 

@@ -210,6 +210,15 @@ mod tests {
         let b = charge(request("p-1", 500), &ctx).await.unwrap();
         assert_eq!(a, b, "the second call returns the first charge");
         assert_eq!(ledger_rows(&dir), 1);
+        // The gateway absorbed a duplicate Sluice ran the handler for: `just demo` counts it.
+        let counts = replays(&dir);
+        assert_eq!(counts, 1, "the second call is recorded as a replay");
+    }
+
+    fn replays(dir: &tempfile::TempDir) -> i64 {
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM replays", [], |r| r.get(0))
+            .unwrap()
     }
 
     #[tokio::test]

@@ -59,6 +59,10 @@ pub enum Purpose {
     Work,
     /// Every other command: creates nothing (`provision` does, by calling it).
     Admin,
+    /// Lambda mode: creates nothing and looks nothing up before the first event (SQS finds its
+    /// queues on the first copy it sends: a retry or a dead letter), so a cold start makes no
+    /// network call.
+    Lambda,
 }
 
 impl TransportOptions {
@@ -167,6 +171,9 @@ impl AnyTransport {
                 ))
             }
             #[cfg(feature = "sqs")]
+            TransportKind::Sqs if purpose == Purpose::Lambda => {
+                Ok(AnyTransport::Sqs(sqs::SqsTransport::open_lazy(opts).await?))
+            }
             TransportKind::Sqs => Ok(AnyTransport::Sqs(sqs::SqsTransport::open(opts).await?)),
             #[allow(unreachable_patterns)]
             other => Err(Error::Config(format!(

@@ -22,9 +22,11 @@
 )]
 mod support;
 
+mod bad_input;
 mod cli;
 mod e2e_charge_payment;
 mod embedded_transport;
+mod fuzz_seeds;
 mod health;
 mod new_function;
 mod pipeline;
@@ -67,6 +69,9 @@ mod store_outage;
 
 #[cfg(feature = "s3")]
 mod s3_store;
+
+#[cfg(all(feature = "rabbitmq", feature = "postgres", feature = "redis"))]
+mod secrets;
 
 #[cfg(feature = "sqs")]
 mod sqs_e2e;
