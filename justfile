@@ -42,7 +42,7 @@ test: lint
     # sluice with no feature, with each feature alone and with all: each combination compiles.
     scripts/check-features.sh
     # The fuzz targets' seeds and regressions run in nextest (fuzz_seeds::*). Fuzzing itself
-    # needs an instrumented build of its own (cold: about COLD minutes here), too costly for every
+    # needs an instrumented build of its own (cold: 12 min of CPU, docs/reliability.md), too costly for every
     # CI run: SLUICE_FUZZ_SECONDS=5 just test adds a short run of each target.
     if [ -n "${SLUICE_FUZZ_SECONDS:-}" ]; then scripts/fuzz.sh run "" "$SLUICE_FUZZ_SECONDS"; fi
     cargo nextest run --workspace --no-fail-fast
