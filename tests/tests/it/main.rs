@@ -32,6 +32,7 @@ mod new_function;
 mod pipeline;
 mod prometheus_scrape;
 mod sqlite_store;
+mod tls;
 
 #[cfg(feature = "lambda")]
 mod cargo_lambda;
@@ -42,6 +43,11 @@ mod lambda_mode;
 #[cfg(feature = "lambda")]
 mod local_esm;
 
+// The harness binary is built with every transport; the short runs need PostgreSQL.
+#[cfg(feature = "postgres")]
+mod chaos;
+#[cfg(all(feature = "postgres", feature = "rabbitmq"))]
+mod drills;
 #[cfg(feature = "postgres")]
 mod e2e_exactly_once;
 #[cfg(feature = "postgres")]
