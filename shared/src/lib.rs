@@ -106,6 +106,7 @@ pub mod telemetry;
 pub mod text;
 pub mod time;
 pub mod topology;
+pub mod tracecontext;
 pub mod transport;
 pub mod worker;
 

@@ -30,6 +30,7 @@ mod new_function;
 mod pipeline;
 mod prometheus_scrape;
 mod sqlite_store;
+mod traces;
 
 #[cfg(feature = "lambda")]
 mod cargo_lambda;

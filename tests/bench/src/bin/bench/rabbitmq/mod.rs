@@ -145,11 +145,14 @@ pub async fn drain_child(a: DrainArgs) -> anyhow::Result<()> {
         .find(|k| k.short() == a.kind)
         .context("--kind")?;
     if matches!(kind, Kind::Noop | Kind::Sqlite) {
-        init_logging(&TelemetrySettings {
-            log_format: LogFormat::Json,
-            log_level: a.log_level.clone(),
-            ..Default::default()
-        });
+        init_logging(
+            &TelemetrySettings {
+                log_format: LogFormat::Json,
+                log_level: a.log_level.clone(),
+                ..Default::default()
+            },
+            "bench",
+        );
     }
     let cpu = cpu_seconds("self");
     let stop = CancellationToken::new();
@@ -262,11 +265,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         bail!("--ack-batch must be from 1 to prefetch - 1: a batch that fills the prefetch stalls delivery");
     }
     let concurrency = a.concurrency.unwrap_or(usize::from(a.prefetch / 2).max(1));
-    init_logging(&TelemetrySettings {
-        log_format: LogFormat::Json,
-        log_level: a.log_level.clone(),
-        ..Default::default()
-    });
+    init_logging(
+        &TelemetrySettings {
+            log_format: LogFormat::Json,
+            log_level: a.log_level.clone(),
+            ..Default::default()
+        },
+        "bench",
+    );
     let url = sluice_tests::rabbit::url();
     let queue = sluice::conformance::unique("bench-rabbitmq");
     // The bench declares the topology once (with `x-expires`, so that an interrupted run
