@@ -158,6 +158,7 @@ pub struct Delivery {
     /// The transport's handle for settling this delivery.
     pub receipt: Receipt,
     /// RabbitMQ: the routing key it was delivered with (its process span's attribute).
+    #[cfg_attr(not(feature = "rabbitmq"), allow(dead_code))]
     pub(crate) routing_key: Option<String>,
 }
 

@@ -52,7 +52,7 @@ pub fn render(m: &Metrics, breaker: BreakerState, out: &mut String) {
     let _ = writeln!(
         out,
         "{name}{{{l}}} {}",
-        super::trace::SPANS_DROPPED.load(Relaxed)
+        super::export::SPANS_DROPPED.load(Relaxed)
     );
     // Beyond the contract: which check dead-lettered what. The reasons are fixed texts of the
     // code (docs/operations.md "Reason labels"), a bounded set.

@@ -3,6 +3,7 @@
 //! the probes report ([`health`]), and the spans of the messaging conventions ([`trace`]),
 //! exported over OTLP with the feature `otlp` (`otlp`).
 
+mod export;
 pub mod exposition;
 pub mod health;
 pub mod histogram;

@@ -1,10 +1,10 @@
 //! Span export over OTLP/HTTP with protobuf (feature `otlp`): the `tracing` spans of
-//! [`super::trace`] become OpenTelemetry spans through `tracing-opentelemetry`, and a batch
+//! `telemetry::trace` become OpenTelemetry spans through `tracing-opentelemetry`, and a batch
 //! processor sends them from its own thread, so handling a message never waits for a
 //! collector.
 //!
 //! - **Bounded.** At most [`MAX_QUEUED`] spans wait for export; past that a span is dropped
-//!   and counted ([`super::trace::SPANS_DROPPED`], `sluice_trace_spans_dropped_total`), as are
+//!   and counted (`SPANS_DROPPED`, `sluice_trace_spans_dropped_total`), as are
 //!   the spans of a batch whose export failed. An unreachable collector costs spans, never
 //!   time on the message path.
 //! - **Client.** The exporter's HTTP requests run on the process's tokio runtime with the
@@ -40,7 +40,7 @@ use opentelemetry_sdk::{
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::trace::{set_exporting, Parent, SPANS_DROPPED};
+use super::export::{set_exporting, SPANS_DROPPED};
 use crate::{config::OtlpSettings, envelope::TraceContext, tracecontext::TraceParent};
 
 /// Most spans waiting for export; more are dropped and counted.
@@ -145,8 +145,11 @@ where
     Some(
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
+            // What the conventions ask for, not the layer's extras (and no clock read per poll).
             .with_location(false)
-            .with_threads(false),
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false),
     )
 }
 
@@ -185,18 +188,19 @@ pub(crate) fn continue_from(span: &Span, caller: &TraceContext) {
     }
 }
 
-/// Parent and links of a process span (see [`super::trace`]).
+/// Parent and links of a process span (see `telemetry::trace`): the creation context as
+/// parent when `creation_is_parent`, and links.
 pub(crate) fn connect(
     span: &Span,
     creation: Option<&TraceContext>,
     previous: Option<TraceParent>,
     xray: Option<TraceParent>,
-    parent: Parent,
+    creation_is_parent: bool,
 ) {
     let creation = creation.and_then(|c| {
         TraceParent::parse(&c.traceparent).map(|tp| remote(tp, c.tracestate.as_deref()))
     });
-    if let (Some(sc), Parent::Creation) = (&creation, parent) {
+    if let (Some(sc), true) = (&creation, creation_is_parent) {
         // A span whose parent is set before it is first entered: cannot fail but for a
         // subscriber without the layer, when nothing is exported anyway.
         let _ = span.set_parent(Context::new().with_remote_span_context(sc.clone()));

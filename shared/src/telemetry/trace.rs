@@ -22,8 +22,6 @@
 //! In Lambda mode the record spans are children of the invocation span and link to their
 //! record's creation context (one invocation handles records of many traces).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-
 use tracing::{field::Empty, Span};
 
 use crate::{
@@ -33,22 +31,7 @@ use crate::{
     tracecontext::{valid_tracestate, TraceParent},
 };
 
-/// Whether spans are being exported (set once by the OTLP set-up).
-static EXPORTING: AtomicBool = AtomicBool::new(false);
-
-/// Spans the exporter dropped: its queue was full (a slow or unreachable collector) or the
-/// export failed. `sluice_trace_spans_dropped_total` on `/metrics`.
-pub static SPANS_DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// Whether spans leave the process (feature `otlp` with an endpoint).
-pub fn exporting() -> bool {
-    EXPORTING.load(Relaxed)
-}
-
-#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
-pub(crate) fn set_exporting() {
-    EXPORTING.store(true, Relaxed);
-}
+pub use super::export::{exporting, SPANS_DROPPED};
 
 /// `messaging.system` of a transport. The embedded queue has no registered value: it is
 /// Sluice's own queue over a SQLite file (SQLite is a database, not the messaging system), so
@@ -215,7 +198,13 @@ pub(crate) fn connect(span: &Span, d: &mut Delivery, parent: Parent) {
             .as_deref()
             .and_then(TraceParent::parse);
         let xray = d.aws_trace_header().and_then(TraceParent::from_xray);
-        super::otlp::connect(span, creation.as_ref(), previous, xray, parent);
+        super::otlp::connect(
+            span,
+            creation.as_ref(),
+            previous,
+            xray,
+            parent == Parent::Creation,
+        );
         if let Some(this) = super::otlp::context_of(span) {
             d.envelope.previous_span = Some(this.traceparent.clone());
             if d.envelope.trace.is_none() {
@@ -240,4 +229,61 @@ pub async fn flush() {
 pub fn shutdown() {
     #[cfg(feature = "otlp")]
     super::otlp::shutdown();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn headers(pairs: &[(&str, &str)]) -> Headers {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_producers_traceparent_header_is_the_creation_context_unless_it_is_garbage() {
+        let e = Envelope::default();
+        let c =
+            creation_context(&e, &headers(&[("traceparent", TP), ("tracestate", "a=b")])).unwrap();
+        assert_eq!(
+            (c.traceparent.as_str(), c.tracestate.as_deref()),
+            (TP, Some("a=b"))
+        );
+        for garbage in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            let h = headers(&[("traceparent", garbage), ("tracestate", "a=b")]);
+            assert_eq!(creation_context(&e, &h), None, "{garbage:?}");
+        }
+        // The envelope's (checked when read) wins over a header.
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let e = Envelope {
+            trace: Some(TraceContext {
+                traceparent: other.into(),
+                tracestate: None,
+            }),
+            ..Envelope::default()
+        };
+        let c = creation_context(&e, &headers(&[("traceparent", TP)])).unwrap();
+        assert_eq!(c.traceparent, other);
+    }
+
+    #[test]
+    fn a_garbage_caller_context_is_ignored() {
+        assert_eq!(caller_context(Some("not-a-traceparent")), None);
+        assert_eq!(caller_context(Some(TP)).unwrap().traceparent, TP);
+    }
+
+    #[test]
+    fn every_transport_has_its_messaging_system() {
+        assert_eq!(messaging_system(TransportKind::Rabbitmq), "rabbitmq");
+        assert_eq!(messaging_system(TransportKind::Sqs), "aws_sqs");
+        assert_eq!(messaging_system(TransportKind::Embedded), "sluice");
+    }
 }

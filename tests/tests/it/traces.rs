@@ -23,7 +23,9 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::support::{sigterm, wait_exit, FunctionRun};
+use crate::support::{
+    free_port, metric_sample, sigterm, wait_exit, FunctionRun, KillOnDrop, CHARGE_TEMPLATE,
+};
 
 /// Longest wait for spans to arrive: the exporter sends every 500 ms, retries back off by
 /// 50 ms to 200 ms here; a few seconds in all.
@@ -276,6 +278,13 @@ async fn fails_twice_then_succeeds(run: FunctionRun, system: &str, queue: &str, 
             .success()
     );
 
+    // The trace as received (`--no-capture` shows it).
+    for s in std::iter::once(&send).chain(&attempts) {
+        eprintln!(
+            "{} {:?} trace={} span={} parent={} attrs={:?} links={:?}",
+            s.name, s.kind, s.trace_id, s.span_id, s.parent, s.attrs, s.links
+        );
+    }
     assert_eq!(send.attr("messaging.system"), Some(system));
     assert_eq!(send.attr("messaging.operation.type"), Some("send"));
     assert_eq!(
@@ -385,6 +394,57 @@ async fn dead_lettered_then_redriven(run: FunctionRun, system: &str, queue: &str
             .any(|l| l.1 == dead.span_id && l.2 == "previous_attempt"),
         "the redrive links to the delivery that dead-lettered it: {redriven:#?}"
     );
+}
+
+/// `GET path` of the worker's listener: the body of a 200.
+async fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+#[tokio::test]
+async fn embedded_an_unreachable_collector_costs_spans_and_never_messages() {
+    const MESSAGES: f64 = 40.0;
+    // Nothing listens there: every export fails (connection refused).
+    let dead = free_port();
+    let port = free_port();
+    let run = FunctionRun::new("charge-payment")
+        .set(format!("telemetry.otlp.endpoint=http://127.0.0.1:{dead}"))
+        .set(format!("telemetry.listen=127.0.0.1:{port}"));
+    run.cli(&["send", "--count", "40", CHARGE_TEMPLATE]);
+    let worker = KillOnDrop(run.worker(&[], "worker.log"));
+    let labels = [
+        ("function", "charge-payment"),
+        ("queue", "charge-payment"),
+        ("version", env!("CARGO_PKG_VERSION")),
+    ];
+    let (succeeded, dropped) = poll_until(
+        SPANS_TIMEOUT,
+        "every message settled and spans dropped",
+        || async {
+            let m = get(port, "/metrics").await?;
+            let mut ok = labels.to_vec();
+            ok.extend([("outcome", "succeeded"), ("error_class", "none")]);
+            let succeeded = metric_sample(&m, "sluice_messages_total", &ok)?;
+            let dropped = metric_sample(&m, "sluice_trace_spans_dropped_total", &labels)?;
+            (succeeded >= MESSAGES && dropped > 0.0).then_some((succeeded, dropped))
+        },
+    )
+    .await;
+    assert_eq!(succeeded, MESSAGES, "every message handled");
+    assert!(
+        dropped <= MESSAGES,
+        "only the process spans of this worker: {dropped}"
+    );
+    assert_eq!(run.ledger().charges, 40);
+    drop(worker);
 }
 
 #[tokio::test]
