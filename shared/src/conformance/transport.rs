@@ -342,9 +342,20 @@ where
     assert_eq!(t.stats().await.unwrap().dead_lettered, 0);
 }
 
+/// Whether two consumers racing for one message can both be handed it within its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RacingReceives {
+    /// Never: the broker hands a message to one consumer per lease (RabbitMQ, SQS, SQLite).
+    Exclusive,
+    /// Now and then: moto's `ReceiveMessage` is not atomic under concurrent calls
+    /// (docs/emulators.md), so the check bounds the repeats instead of forbidding them.
+    EmulatorMayRepeat,
+}
+
 /// Several consumers working one queue at once never hold the same message at the same time
-/// (with a lease longer than the work, each message is handled exactly once).
-pub async fn concurrent_consumers_never_share_a_lease<T, F, Fut>(make: F)
+/// (with a lease longer than the work, each message is handled exactly once; on an emulator
+/// that repeats racing receives, at most one in twenty is handed out twice).
+pub async fn concurrent_consumers_never_share_a_lease<T, F, Fut>(make: F, racing: RacingReceives)
 where
     T: Transport,
     F: Fn(TransportOptions) -> Fut,
@@ -385,7 +396,21 @@ where
     let seen = seen.lock().unwrap();
     let distinct: HashSet<_> = seen.iter().collect();
     assert_eq!(distinct.len(), MESSAGES, "every message handled");
-    assert_eq!(seen.len(), MESSAGES, "no message handled twice");
+    match racing {
+        RacingReceives::Exclusive => {
+            assert_eq!(seen.len(), MESSAGES, "no message handled twice")
+        }
+        RacingReceives::EmulatorMayRepeat => {
+            let repeats = seen.len() - MESSAGES;
+            assert!(
+                repeats <= MESSAGES / 20,
+                "{repeats} of {MESSAGES} messages handed out twice: more than the emulator's race explains"
+            );
+            if repeats > 0 {
+                eprintln!("the emulator handed out {repeats} of {MESSAGES} messages twice");
+            }
+        }
+    }
 }
 
 /// Stats count ready, in-flight, delayed and dead-lettered messages, and tell the oldest

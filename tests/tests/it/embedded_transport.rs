@@ -24,6 +24,7 @@ async fn make(mut opts: TransportOptions) -> EmbeddedTransport {
 support::transport_conformance!(
     // The embedded queue stores exact times: no rounding allowed.
     rounding: Duration::ZERO,
+    racing: ::sluice::conformance::transport::RacingReceives::Exclusive,
     |check| {
         check(make).await;
     }

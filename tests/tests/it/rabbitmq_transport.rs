@@ -82,6 +82,7 @@ async fn receive_one(t: &RabbitTransport) -> Delivery {
 support::transport_conformance!(
     // The delay ladder rounds down: a delivery comes at most one smallest step early.
     rounding: Duration::from_millis(DELAY_LADDER_MS[0]),
+    racing: ::sluice::conformance::transport::RacingReceives::Exclusive,
     |check| {
         let made = Made::default();
         check(|o| make(o, made.clone())).await;

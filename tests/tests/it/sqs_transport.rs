@@ -54,6 +54,8 @@ async fn make(mut opts: TransportOptions) -> SqsTransport {
 support::transport_conformance!(
     // Delays are rounded up to whole seconds: never early, so no rounding allowance.
     rounding: Duration::ZERO,
+    // moto races concurrent receives (docs/emulators.md).
+    racing: ::sluice::conformance::transport::RacingReceives::EmulatorMayRepeat,
     |check| {
         check(make).await;
     }

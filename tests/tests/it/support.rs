@@ -324,7 +324,7 @@ pub(crate) use store_conformance;
 /// `$rounding` is how much earlier than asked the transport may deliver a retry (its delay
 /// granularity).
 macro_rules! transport_conformance {
-    (rounding: $rounding:expr, |$check:ident| $body:block) => {
+    (rounding: $rounding:expr, racing: $racing:expr, |$check:ident| $body:block) => {
         #[tokio::test]
         async fn ack_removes_the_message() {
             let $check = ::sluice::conformance::transport::ack_removes_the_message;
@@ -382,8 +382,11 @@ macro_rules! transport_conformance {
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn concurrent_consumers_never_share_a_lease() {
-            let $check =
-                ::sluice::conformance::transport::concurrent_consumers_never_share_a_lease;
+            let $check = |make| {
+                ::sluice::conformance::transport::concurrent_consumers_never_share_a_lease(
+                    make, $racing,
+                )
+            };
             $body
         }
 
