@@ -115,7 +115,9 @@ fn invocation_span(rt: &Runtime, cx: &lambda_runtime::Context) -> tracing::Span 
     let env = |k: &str| std::env::var(k).ok();
     let name =
         env("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|| rt.metrics.labels().function.clone());
+    // A root: lambda_runtime's own span around the handler is not its parent.
     tracing::info_span!(
+        parent: None,
         "invocation",
         otel.name = %name,
         otel.kind = "consumer",

@@ -77,10 +77,12 @@ fn traces_url(settings: &OtlpSettings) -> Option<String> {
 pub(crate) fn layer<S>(
     settings: &OtlpSettings,
     function: &str,
-) -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>>
+) -> Option<Box<dyn tracing_subscriber::Layer<S> + Send + Sync>>
 where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
 {
+    use tracing_subscriber::Layer as _;
+
     if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
@@ -142,15 +144,19 @@ where
     let tracer = provider.tracer("sluice");
     let _ = PROVIDER.set(provider);
     set_exporting();
-    Some(
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            // What the conventions ask for, not the layer's extras (and no clock read per poll).
-            .with_location(false)
-            .with_threads(false)
-            .with_target(false)
-            .with_tracked_inactivity(false),
-    )
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        // What the conventions ask for, not the layer's extras (and no clock read per poll).
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        // lambda_runtime's own span around each invocation would be the root of every
+        // invocation's trace, above the invocation span that says what it was: left out.
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            !m.target().starts_with("lambda_runtime")
+        }));
+    Some(layer.boxed())
 }
 
 /// The W3C context of an exported span.

@@ -362,6 +362,10 @@ async fn dead_lettered_then_redriven(run: FunctionRun, system: &str, queue: &str
         "{dead:#?}"
     );
     assert_eq!(dead.attr("sluice.error_class"), Some("transient"));
+    // The dead letter names its trace, for the operator who finds it on the DLQ.
+    let listed = run.json(&["dlq", "list", "--json"]);
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+    assert_eq!(listed[0]["trace_id"], dead.trace_id.as_str(), "{listed}");
 
     run.cli(&["redrive"]);
     let mut worker = run.worker(&[], "worker.log");
@@ -491,5 +495,168 @@ mod rabbitmq {
     async fn rabbitmq_a_redriven_message_is_handled_in_the_trace_it_was_dead_lettered_in() {
         let (run, _vhost, queue) = rig("traces-redrive", &["retry.max_deliveries=2"]);
         dead_lettered_then_redriven(run, "rabbitmq", &queue).await;
+    }
+}
+
+/// Lambda mode: the Lambda build of charge-payment (with `otlp`) fed one SQS event by the
+/// Runtime API stub; the record comes from moto and carries a creation context in its
+/// envelope and an X-Ray `AWSTraceHeader`.
+#[cfg(feature = "lambda")]
+mod lambda {
+    use sluice::{
+        conformance::unique,
+        envelope::{Envelope, TraceContext},
+        transport::{
+            sqs::{aws_sdk_sqs::types::MessageSystemAttributeName, SqsTransport},
+            Transport, TransportOptions,
+        },
+        OutgoingMessage,
+    };
+    use sluice_tests::lambda::{
+        lambda_binary, queue_arn, record_template, spawn_lambda, sqs_event, RuntimeApi,
+    };
+
+    use super::*;
+    use crate::support::sqs_client;
+
+    /// The producer's creation context the message carries.
+    const CREATION: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    /// The X-Ray context SQS would add (`AWSTraceHeader`).
+    const XRAY: &str = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+
+    #[tokio::test]
+    async fn lambda_an_invocation_span_with_faas_attributes_holds_one_process_span_per_record_linked_to_its_context(
+    ) {
+        sluice_tests::moto("SQS");
+        let name = unique("traces-lambda");
+        let sqs = SqsTransport::open(TransportOptions {
+            queue: name.clone(),
+            function: "charge-payment".into(),
+            url: name.clone(),
+            lease: Duration::from_secs(30),
+            max_deliveries: 5,
+            poll_interval: Duration::from_millis(100),
+            declare: true,
+        })
+        .await
+        .expect("provision the queue on moto");
+        let mut m = OutgoingMessage::new(sluice_tests::charge_body("p-lambda", 300));
+        m.envelope = Envelope {
+            trace: Some(TraceContext {
+                traceparent: CREATION.into(),
+                tracestate: None,
+            }),
+            ..Envelope::default()
+        };
+        let id = sqs.publish(vec![m]).await.expect("publish")[0].clone();
+        let client = sqs_client().await;
+        let received = client
+            .receive_message()
+            .queue_url(sqs.queue_url().await.unwrap())
+            .wait_time_seconds(5)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .expect("receive")
+            .messages
+            .unwrap_or_default();
+        assert_eq!(received.len(), 1);
+        let mut event = sqs_event(&record_template(), &queue_arn(&name), &received);
+        event["Records"][0]["attributes"]["AWSTraceHeader"] = XRAY.into();
+
+        let collector = Collector::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let env: Vec<(String, String)> = [
+            ("SLUICE__TRANSPORT__KIND", "sqs".to_owned()),
+            ("SLUICE__TRANSPORT__URL", name.clone()),
+            ("SLUICE__QUEUE", name.clone()),
+            (
+                "SLUICE__STORE__URL",
+                dir.path().join("idempotency.db").display().to_string(),
+            ),
+            (
+                "SLUICE__APP__LEDGER",
+                dir.path().join("ledger.db").display().to_string(),
+            ),
+            ("SLUICE__TELEMETRY__OTLP__ENDPOINT", collector.url.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let api = RuntimeApi::start("charge-payment").await.expect("stub");
+        let bin = lambda_binary("charge-payment").expect("the Lambda build");
+        let log = dir.path().join("lambda.log");
+        let _child =
+            KillOnDrop(spawn_lambda(&bin, api.addr, "charge-payment", &env, &log).expect("start"));
+        api.wait_ready(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default())
+            });
+        let outcome = api
+            .invoke(&event, Duration::from_secs(30))
+            .await
+            .expect("invocation");
+        assert!(outcome.failed_ids().is_empty(), "{outcome:?}");
+
+        let (invocation, record) = collector
+            .until("the invocation span and its record's span", |spans| {
+                let inv = spans
+                    .iter()
+                    .find(|s| s.attr("faas.trigger") == Some("pubsub"))?
+                    .clone();
+                let rec = process_spans(spans, &id, 1)?.pop()?;
+                Some((inv, rec))
+            })
+            .await;
+        eprintln!("{invocation:?}\n{record:?}");
+        assert_eq!(invocation.name, "charge-payment");
+        assert_eq!(invocation.kind, SpanKind::Consumer);
+        assert!(invocation.parent.is_empty(), "the invocation is a root");
+        for (k, v) in [
+            ("faas.coldstart", "true"),
+            ("faas.name", "charge-payment"),
+            ("faas.version", "$LATEST"),
+            ("cloud.provider", "aws"),
+            ("cloud.platform", "aws_lambda"),
+            ("messaging.system", "aws_sqs"),
+            ("messaging.destination.name", &name),
+        ] {
+            assert_eq!(invocation.attr(k), Some(v), "{k}: {invocation:#?}");
+        }
+        assert!(invocation
+            .attr("faas.invocation_id")
+            .is_some_and(|v| !v.is_empty()));
+        assert!(invocation
+            .attr("cloud.resource_id")
+            .is_some_and(|v| v.starts_with("arn:aws:lambda:")));
+
+        assert_eq!(record.name, format!("process {name}"));
+        assert_eq!(record.kind, SpanKind::Consumer);
+        assert_eq!(record.attr("messaging.system"), Some("aws_sqs"));
+        assert_eq!(record.attr("sluice.outcome"), Some("succeeded"));
+        assert_eq!(
+            (record.trace_id.as_str(), record.parent.as_str()),
+            (invocation.trace_id.as_str(), invocation.span_id.as_str()),
+            "a record's span is the invocation's child"
+        );
+        let link = |kind: &str| {
+            record
+                .links
+                .iter()
+                .find(|l| l.2 == kind)
+                .map(|l| (l.0.as_str(), l.1.as_str()))
+        };
+        assert_eq!(
+            link("creation"),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
+            "linked to its creation context: {record:#?}"
+        );
+        assert_eq!(
+            link("aws_trace_header"),
+            Some(("5759e988bd862e3fe1be46a994272793", "53995c3f42cd8ad8")),
+            "linked to its X-Ray context: {record:#?}"
+        );
     }
 }
