@@ -42,6 +42,10 @@ test: lint
     scripts/infra-check.sh
     # sluice with no feature, with each feature alone and with all: each combination compiles.
     scripts/check-features.sh
+    # The fuzz targets' seeds and regressions run in nextest (fuzz_seeds::*). Fuzzing itself
+    # needs an instrumented build of its own (cold: about COLD minutes here), too costly for every
+    # CI run: SLUICE_FUZZ_SECONDS=5 just test adds a short run of each target.
+    if [ -n "${SLUICE_FUZZ_SECONDS:-}" ]; then scripts/fuzz.sh run "" "$SLUICE_FUZZ_SECONDS"; fi
     cargo nextest run --workspace --no-fail-fast
 
 # Benchmarks against a baseline in the same run: `just bench stores [--json]`, `just bench rabbitmq [--json]` (docs/rabbitmq.md), `just bench lambda [--runs N] [--json]` (cold start, docs/lambda.md).
@@ -54,7 +58,7 @@ bench what *args:
         # lambda_runtime handler, both release builds, through the Runtime API stub.
         eval "$(scripts/moto.sh start)"
         trap 'scripts/moto.sh stop' EXIT
-        # The packaged build (`cargo lambda build --release`, its own optimisation flags).
+        # The packaged build (`cargo lambda build --profile lambda`, as `just package` zips it).
         just package >&2
         cargo build --release --quiet -p sluice-bench --bin bare-lambda --bin lambda-bench
         exec cargo run --release --quiet -p sluice-bench --bin lambda-bench -- {{args}}
@@ -65,6 +69,10 @@ bench what *args:
     fi
     cargo build --release --quiet -p sluice-bench --bin bench
     cargo run --release --quiet -p sluice-bench --bin bench -- {{what}} {{args}}
+
+# Fuzz the decoders of untrusted input (fuzz/, docs/reliability.md#fuzzing): `just fuzz` (every target, 60 s each), `just fuzz amqp_headers 300`; installs cargo-fuzz once.
+fuzz target="" seconds="60":
+    scripts/fuzz.sh run "{{target}}" {{seconds}}
 
 # Start the local servers (PostgreSQL, Redis, RabbitMQ) and moto, install cargo-lambda; prints the AWS variables to export.
 emulators:
@@ -96,11 +104,43 @@ package arch="x86_64":
     for dir in functions/*/; do
         fn=$(basename "$dir")
         [ -f "$dir/Cargo.toml" ] || continue
-        scripts/lambda.sh cargo-lambda build --release $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
+        # The size-first `lambda` profile (Cargo.toml, docs/lambda.md "Package").
+        scripts/lambda.sh cargo-lambda build --profile lambda $flag --no-default-features --features lambda -p $fn --output-format zip --lambda-dir "$target_dir/lambda" >&2
         zip="$target_dir/lambda/$fn/bootstrap.zip"
         bin=$(python3 -c 'import sys,zipfile; print(zipfile.ZipFile(sys.argv[1]).getinfo("bootstrap").file_size)' "$zip")
         printf '%-18s %-8s %12s %12s\n' $fn {{arch}} "$bin" "$(stat -c %s "$zip")"
     done
+
+# Chaos run (docs/reliability.md "Chaos"): charge-payment exactly-once under worker SIGKILLs, broker and store cuts and a store outage, then a table (`--json`: one object); exits 1 if anything was lost or charged twice, e.g. `just chaos rabbitmq --messages 20000 --workers 3 --duration 60`.
+chaos transport="embedded" *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/services.sh postgres rabbitmq >&2
+    if [ "{{transport}}" = sqs ]; then
+        eval "$(scripts/moto.sh start)"
+    fi
+    # Debug builds, as `just test` makes them: the harness finds charge-payment beside itself.
+    cargo build --quiet -p charge-payment -p sluice-chaos
+    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    "$target/debug/chaos" {{transport}} {{args}}
+
+# Incident drill (docs/runbook.md "Incidents"): `just drill partition|auth|exhaustion` reproduces the incident with charge-payment on RabbitMQ and PostgreSQL, runs the runbook's commands, recovers and checks nothing was lost.
+drill which:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/services.sh postgres rabbitmq >&2
+    cargo build --quiet -p charge-payment -p sluice-chaos
+    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    "$target/debug/drill" {{which}}
+
+# Soak (docs/reliability.md "Soak"): one charge-payment worker on RabbitMQ under steady load with connection cuts for N minutes (default 30), RSS / fds / sockets sampled from /proc, the memory slope in KB/min; e.g. `just soak 30`.
+soak minutes="30" *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/services.sh postgres rabbitmq >&2
+    cargo build --quiet -p charge-payment -p sluice-chaos
+    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+    "$target/debug/soak" {{minutes}} {{args}}
 
 # Deploy files: drift against each sluice.toml, cfn-lint on every template, a deploy of each into moto, the k8s manifests, promtool check/test rules, the dashboard's queries on Prometheus; last line `infra: N templates linted, M resources deployed, K manifests valid, R rules valid, T rule test files passed, Q dashboard queries answered`.
 infra-check:

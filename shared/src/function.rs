@@ -249,10 +249,10 @@ impl Definition {
     }
 
     /// What Lambda mode opens: the same, but the trigger's queue is never created (the
-    /// deployment made it).
+    /// deployment made it) nor looked up before it is needed (docs/lambda.md, cold start).
     #[cfg(feature = "lambda")]
     pub(crate) async fn open_for_lambda(self, settings: Settings) -> Result<Runtime> {
-        self.open_as(settings, Purpose::Admin).await
+        self.open_as(settings, Purpose::Lambda).await
     }
 
     async fn open_as(self, mut settings: Settings, purpose: Purpose) -> Result<Runtime> {

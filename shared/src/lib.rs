@@ -48,7 +48,8 @@
 //! - [`telemetry`]: JSON logs, the panic hook, per-process counters, probe state; [`serve`]:
 //!   `/healthz`, `/readyz` and `/metrics` of `run` when `telemetry.listen` is set.
 //! - [`error`], [`time`], [`text`], [`sync`]: errors with their causes, wire times, cut texts,
-//!   a mutex a panic cannot poison.
+//!   a mutex a panic cannot poison; `tls`: the rustls client of the PostgreSQL and Redis stores
+//!   (RabbitMQ's is lapin's own), trusting the system's roots or `*.tls_ca_file`.
 //! - `conformance` (feature `conformance`): the suites every adapter and store must pass.
 //!
 //! `scripts/check-modules.py` keeps the module graph free of cycles.
@@ -60,7 +61,8 @@
 //! event types of aws_lambda_events; implies `sqs`), `postgres` (tokio-postgres + deadpool),
 //! `redis`, `s3` (aws-sdk-s3), `conformance`; and `faults` (the `[fault]` settings: injected
 //! failures, latency, panics, crashes and poison, for demos, drills and tests; a binary built
-//! without it refuses a `fault.*` key at start). A Lambda build (`--no-default-features
+//! without it refuses a `fault.*` key at start); `fuzzing` (entry points for the fuzz targets
+//! in `fuzz/`, hidden from the docs: not an API). A Lambda build (`--no-default-features
 //! --features lambda`) links no lapin.
 //!
 //! # Dependencies
@@ -75,7 +77,8 @@
 //! every Lambda build through lambda_runtime) for SQS bodies that are not text; for the stores
 //! `tokio-postgres` with `deadpool-postgres` (no macros or compile-time database, unlike sqlx:
 //! light to build), `redis` (the maintained client, with its reconnecting connection manager)
-//! and `aws-sdk-s3`.
+//! and `aws-sdk-s3`; for their TLS `rustls` and `tokio-rustls` (already linked by lapin and the
+//! AWS SDK; no OpenSSL) with `rustls-native-certs` for the system's roots.
 
 #![warn(missing_docs)]
 
@@ -91,6 +94,9 @@ pub mod dlq;
 pub mod envelope;
 pub mod error;
 pub mod function;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 mod job;
 #[cfg(feature = "lambda")]
@@ -105,6 +111,8 @@ pub mod sync;
 pub mod telemetry;
 pub mod text;
 pub mod time;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod tls;
 pub mod topology;
 pub mod tracecontext;
 pub mod transport;

@@ -9,6 +9,9 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+mod proxy;
+pub mod report;
+
 /// The path of a function binary built in the same target directory as the running
 /// executable (tests live in `target/<profile>/deps`, binaries in `target/<profile>`).
 pub fn function_binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -145,6 +148,10 @@ pub struct LedgerCounts {
     pub charges: u64,
     /// Distinct payment ids charged.
     pub distinct_payments: u64,
+    /// Gateway calls answered from an earlier charge of the same idempotency key: the
+    /// gateway absorbed a duplicate that Sluice ran the handler for. 0 unless a worker died
+    /// between a charge and its record.
+    pub replays: u64,
 }
 
 /// Reads the ledger (zero if it does not exist yet).
@@ -167,9 +174,14 @@ pub fn ledger_counts(path: &Path) -> anyhow::Result<LedgerCounts> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    // Ledgers written before the gateway recorded replays have no such table.
+    let replays: i64 = conn
+        .query_row("SELECT COUNT(*) FROM replays", [], |r| r.get(0))
+        .unwrap_or(0);
     Ok(LedgerCounts {
         charges: charges as u64,
         distinct_payments: distinct as u64,
+        replays: replays as u64,
     })
 }
 
@@ -181,69 +193,7 @@ pub fn charge_body(payment_id: &str, amount_cents: u64) -> String {
     )
 }
 
-/// A TCP proxy in front of a real server, for fault tests: `cut()` drops every connection
-/// through it and refuses new ones (the server looks down), `restore()` lets them through again.
-pub struct TcpProxy {
-    /// The address to give clients instead of the server's.
-    pub addr: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl TcpProxy {
-    /// Starts a proxy to `target` on a free loopback port.
-    pub async fn start(target: &str) -> anyhow::Result<Self> {
-        use std::sync::{atomic::Ordering, Arc, Mutex};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let target = target.to_owned();
-        let (c, cs) = (cut.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c.load(Ordering::SeqCst) {
-                    drop(inbound); // refused: closed at once
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                cs.lock().expect("proxy lock").push(task.abort_handle());
-            }
-        });
-        Ok(Self {
-            addr,
-            cut,
-            conns,
-            accept,
-        })
-    }
-
-    /// The server "goes down": open connections are dropped, new ones refused.
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for c in self.conns.lock().expect("proxy lock").drain(..) {
-            c.abort();
-        }
-    }
-
-    /// The server is back.
-    pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for TcpProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
+pub use proxy::TcpProxy;
 
 /// RabbitMQ helpers for the tests that run against the real broker: its URL, `rabbitmqctl`,
 /// and the queue counts the AMQP protocol does not report (unacked messages).

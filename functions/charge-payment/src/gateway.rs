@@ -3,6 +3,12 @@
 //! closes the one window Sluice's record cannot: a worker killed after the charge and before
 //! the record is completed. The ledger has no unique constraint on the payment id, so a double
 //! charge would show up in it.
+//!
+//! Because the gateway absorbs a repeated key on its own, "one charge per payment" in the
+//! ledger does not prove that Sluice ran the handler once. Every call the gateway answered from
+//! an earlier charge is written to the `replays` table: outside a crash window (a worker killed
+//! between the charge and the record) each one is a duplicate Sluice should have absorbed, and
+//! `just demo` shows their count (0).
 
 use std::{
     path::Path,
@@ -108,7 +114,12 @@ impl LocalGateway {
                  idempotency_key TEXT NOT NULL,
                  created_at_ms   INTEGER NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS charges_by_key ON charges (idempotency_key);",
+             CREATE INDEX IF NOT EXISTS charges_by_key ON charges (idempotency_key);
+             CREATE TABLE IF NOT EXISTS replays (
+                 idempotency_key TEXT NOT NULL,
+                 charge_id       TEXT NOT NULL,
+                 at_ms           INTEGER NOT NULL
+             );",
         )?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -116,7 +127,8 @@ impl LocalGateway {
         })
     }
 
-    /// Charges once per idempotency key.
+    /// Charges once per idempotency key; a repeated key returns the first charge and is
+    /// recorded in `replays`.
     pub async fn charge(
         &self,
         payment_id: &str,
@@ -145,14 +157,20 @@ impl LocalGateway {
                     |r| r.get(0),
                 )
                 .optional()?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
             let charge_id = match existing {
-                Some(id) => id,
+                Some(id) => {
+                    tx.execute(
+                        "INSERT INTO replays VALUES (?1, ?2, ?3)",
+                        params![key, id, now],
+                    )?;
+                    id
+                }
                 None => {
                     let id = format!("ch_{}", uuid::Uuid::new_v4().simple());
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_millis() as i64)
-                        .unwrap_or(0);
                     tx.execute(
                         "INSERT INTO charges VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                         params![id, payment_id, amount, currency, customer, key, now],

@@ -21,7 +21,7 @@
 mod gateway;
 
 use serde::{Deserialize, Serialize};
-use sluice::{store::postgres::tokio_postgres, Context, Function, HandlerError, Settings};
+use sluice::{Context, Function, HandlerError, Settings};
 
 use crate::gateway::{GatewayConfig, GatewayError, LocalGateway};
 
@@ -140,17 +140,14 @@ async fn connect(settings: Settings) -> anyhow::Result<Ledger> {
             "key `app.ledger`: \"postgres\" needs store.kind = \"postgres\" (the ledger shares its transaction)".into()
         ));
     }
-    let (client, conn) =
-        tokio_postgres::connect(&settings.store.url, tokio_postgres::NoTls).await?;
-    let conn = tokio::spawn(conn);
+    // The store's own TLS settings (`store.tls_ca_file`, `sslmode=require`) apply here too.
+    let client = sluice::store::postgres::connect(&settings.store).await?;
     // Workers starting together must not race on CREATE TABLE (it is not atomic in PostgreSQL).
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(7243); {PG_LEDGER}; COMMIT"
         ))
         .await?;
-    drop(client);
-    let _ = conn.await;
     Ok(Ledger::Postgres(cfg))
 }
 
@@ -213,6 +210,15 @@ mod tests {
         let b = charge(request("p-1", 500), &ctx).await.unwrap();
         assert_eq!(a, b, "the second call returns the first charge");
         assert_eq!(ledger_rows(&dir), 1);
+        // The gateway absorbed a duplicate Sluice ran the handler for: `just demo` counts it.
+        let counts = replays(&dir);
+        assert_eq!(counts, 1, "the second call is recorded as a replay");
+    }
+
+    fn replays(dir: &tempfile::TempDir) -> i64 {
+        let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM replays", [], |r| r.get(0))
+            .unwrap()
     }
 
     #[tokio::test]

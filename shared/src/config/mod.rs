@@ -217,6 +217,11 @@ impl Settings {
         if self.transport.url.is_empty() {
             return bad("transport.url", "must not be empty");
         }
+        read_ca_file(
+            "transport.tls_ca_file",
+            self.transport.tls_ca_file.as_deref(),
+        )?;
+        read_ca_file("store.tls_ca_file", self.store.tls_ca_file.as_deref())?;
         self.validate_telemetry()
     }
 
@@ -320,6 +325,21 @@ fn section<C: serde::de::DeserializeOwned>(table: &toml_value::Table, prefix: &s
         };
         Error::Config(format!("key `{key}`: {}", e.inner()))
     })
+}
+
+/// The PEM text of the CA file a `*.tls_ca_file` setting names (`None` when unset); a file
+/// that cannot be read or holds no certificate fails naming `key`, so at start.
+pub(crate) fn read_ca_file(key: &str, path: Option<&std::path::Path>) -> Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("key `{key}`: cannot read {}: {e}", path.display())))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(Error::Config(format!(
+            "key `{key}`: {} holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)",
+            path.display()
+        )));
+    }
+    Ok(Some(pem))
 }
 
 #[cfg(test)]

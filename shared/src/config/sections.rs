@@ -86,6 +86,9 @@ pub struct TransportSettings {
     /// before it has been held this long, so that the broker never closes the channel.
     #[serde(with = "humantime_serde")]
     pub consumer_timeout: Duration,
+    /// RabbitMQ `amqps://`: a PEM file of CA certificates to trust besides the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for TransportSettings {
@@ -99,6 +102,7 @@ impl Default for TransportSettings {
             prefetch: 0,
             declare: true,
             consumer_timeout: Duration::from_secs(30 * 60),
+            tls_ca_file: None,
         }
     }
 }
@@ -154,6 +158,10 @@ pub struct StoreSettings {
     /// Longest wait for one store call; a store slower than this counts as unavailable.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// PostgreSQL (TLS) and Redis (`rediss://`): a PEM file of the CA certificates to trust
+    /// instead of the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreSettings {
@@ -166,6 +174,7 @@ impl Default for StoreSettings {
             fail_open: false,
             cache_entries: 0,
             timeout: Duration::from_secs(5),
+            tls_ca_file: None,
         }
     }
 }

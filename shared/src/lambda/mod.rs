@@ -28,6 +28,8 @@ use std::{
 
 mod emf;
 mod record;
+#[cfg(feature = "fuzzing")]
+pub(crate) use record::to_message;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use lambda_runtime::{service_fn, LambdaEvent};

@@ -13,12 +13,26 @@ use crate::{
     transport::sqs::{decode_message, SqsTransport},
 };
 
-/// The delivery of one record; a record without an id or a receipt handle is refused.
+/// The delivery of one record; a record without an id or a receipt handle, or from another
+/// source than SQS, is refused.
 pub(super) fn delivery(
     queue: &SqsTransport,
     record: &SqsMessage,
     deadline_ms: u64,
 ) -> Result<Delivery> {
+    let decoded = decode_message(&to_message(record)?, SystemTime::now());
+    Ok(queue.lambda_delivery(decoded, i64::try_from(deadline_ms).unwrap_or(i64::MAX)))
+}
+
+/// The record as the SQS message it stands for.
+pub(crate) fn to_message(record: &SqsMessage) -> Result<Message> {
+    // An event source mapping only hands over its queue's messages: a record of another
+    // source (an S3 or SNS record pasted into the event) is not one of them.
+    if let Some(source) = record.event_source.as_deref().filter(|s| *s != "aws:sqs") {
+        return Err(Error::Invalid(format!(
+            "a record from {source:?}, not from SQS (eventSource aws:sqs)"
+        )));
+    }
     let missing = |what: &str| Error::Invalid(format!("SQS record without {what}"));
     let id = record
         .message_id
@@ -49,13 +63,38 @@ pub(super) fn delivery(
             .map_err(|e| Error::Invalid(format!("message attribute {name:?}: {e}")))?;
         attributes.insert(name.clone(), value);
     }
-    let message = Message::builder()
+    Ok(Message::builder()
         .message_id(id)
         .receipt_handle(handle)
         .body(record.body.clone().unwrap_or_default())
         .set_attributes(Some(system))
         .set_message_attributes(Some(attributes))
-        .build();
-    let decoded = decode_message(&message, SystemTime::now());
-    Ok(queue.lambda_delivery(decoded, i64::try_from(deadline_ms).unwrap_or(i64::MAX)))
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(json: &str) -> SqsMessage {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_record_of_another_source_or_without_its_ids_is_refused_in_words() {
+        let ok =
+            record(r#"{"messageId":"m","receiptHandle":"h","eventSource":"aws:sqs","body":"{}"}"#);
+        assert_eq!(to_message(&ok).unwrap().body(), Some("{}"));
+        let s3 = record(r#"{"messageId":"m","receiptHandle":"h","eventSource":"aws:s3"}"#);
+        let err = to_message(&s3).unwrap_err().to_string();
+        assert!(
+            err.contains("a record from \"aws:s3\", not from SQS"),
+            "{err}"
+        );
+        let no_id = record(r#"{"receiptHandle":"h","eventSource":"aws:sqs"}"#);
+        assert!(to_message(&no_id)
+            .unwrap_err()
+            .to_string()
+            .contains("messageId"));
+    }
 }

@@ -164,13 +164,29 @@ impl AnyStore {
             ))),
             #[cfg(feature = "postgres")]
             StoreKind::Postgres => Ok(Some(AnyStore::Postgres(
-                postgres::PostgresStore::open(&settings.store.url, settings.store.max_output_bytes)
-                    .await?,
+                postgres::PostgresStore::open_with_ca(
+                    &settings.store.url,
+                    settings.store.max_output_bytes,
+                    crate::config::read_ca_file(
+                        "store.tls_ca_file",
+                        settings.store.tls_ca_file.as_deref(),
+                    )?
+                    .as_deref(),
+                )
+                .await?,
             ))),
             #[cfg(feature = "redis")]
             StoreKind::Redis => Ok(Some(AnyStore::Redis(
-                redis::RedisStore::open(&settings.store.url, settings.store.max_output_bytes)
-                    .await?,
+                redis::RedisStore::open_with_ca(
+                    &settings.store.url,
+                    settings.store.max_output_bytes,
+                    crate::config::read_ca_file(
+                        "store.tls_ca_file",
+                        settings.store.tls_ca_file.as_deref(),
+                    )?
+                    .as_deref(),
+                )
+                .await?,
             ))),
             #[cfg(feature = "s3")]
             StoreKind::S3 => Ok(Some(AnyStore::S3(

@@ -32,8 +32,9 @@
 //! - Expired records are swept at open, every [`SWEEP_EVERY`] claims in the background, and by
 //!   [`PostgresStore::sweep`]; an expired record is treated as absent by claims anyway.
 //!
-//! Connections come from a `deadpool-postgres` pool of [`POOL_SIZE`] without TLS (`NoTls`):
-//! TLS is a later addition (a `sslmode=require` URL fails to connect until then). URLs are only
+//! Connections come from a `deadpool-postgres` pool of [`POOL_SIZE`], encrypted when the URL
+//! asks for it (`sslmode=require`) or `store.tls_ca_file` is set (rustls, the certificate
+//! always verified: `crate::tls`); otherwise plain, as before TLS was added. URLs are only
 //! ever shown redacted ([`redact_url`]). The store assumes the default `READ COMMITTED`
 //! isolation for its own statements (a serialization failure or deadlock is retried anyway).
 
@@ -199,6 +200,17 @@ impl PostgresStore {
     /// Connects, runs the migration and sweeps expired records. Fails with `Config` for a URL
     /// that does not parse, `Store` when the server cannot be reached or refuses the schema.
     pub async fn open(url: &str, max_output_bytes: usize) -> Result<Self> {
+        Self::open_with_ca(url, max_output_bytes, None).await
+    }
+
+    /// [`PostgresStore::open`] trusting the CA certificates of `ca_pem` (the text of
+    /// `store.tls_ca_file`) for TLS instead of the system's roots. A certificate the client
+    /// rejects fails with `Config` naming `store.tls_ca_file`.
+    pub async fn open_with_ca(
+        url: &str,
+        max_output_bytes: usize,
+        ca_pem: Option<&str>,
+    ) -> Result<Self> {
         let shown = redact_url(url);
         // Errors of the open name the server, never with its password.
         let at = |e: Error| match e {
@@ -223,13 +235,13 @@ impl PostgresStore {
         // `Fast` recycling: no statement on checkout, so a claim stays one round trip. A
         // connection that may be inside a transaction never goes back to the pool (see
         // `PgEffects`), so nothing needs resetting on checkout.
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls_connector(&config, ca_pem)? {
+            Some(tls) => Manager::from_config(config, tls, manager_config),
+            None => Manager::from_config(config, NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -243,7 +255,11 @@ impl PostgresStore {
             max_output_bytes,
             claims: Arc::default(),
         };
-        let conn = store.conn().await.map_err(at)?;
+        let conn = store
+            .conn()
+            .await
+            .map_err(|e| tls_hint(e, &shown))
+            .map_err(at)?;
         conn.batch_execute(MIGRATION)
             .await
             .map_err(|e| Error::store("postgres: migration", e))
@@ -507,6 +523,76 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 
 /// An error with its causes: tokio-postgres prints only "db error" for a server error, the
 /// server's message is in the source.
+/// The TLS connector for `config`: `None` (plain) unless the URL requires TLS or a CA file is
+/// set. `sslmode=prefer` (the default) with a CA file tries TLS and falls back to plain only
+/// when the server offers no TLS at all.
+fn tls_connector(
+    config: &tokio_postgres::Config,
+    ca_pem: Option<&str>,
+) -> Result<Option<crate::tls::postgres::MakeRustls>> {
+    let wants =
+        ca_pem.is_some() || config.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+    if !wants {
+        return Ok(None);
+    }
+    let client = crate::tls::client_config("store.tls_ca_file", ca_pem)?;
+    Ok(Some(crate::tls::postgres::MakeRustls(Arc::new(client))))
+}
+
+/// A failed TLS handshake is configuration (the CA, the host name): said so, naming the key.
+fn tls_hint(e: Error, shown: &str) -> Error {
+    let text = match &e {
+        Error::Store {
+            source: Some(source),
+            ..
+        } => chain(source.as_ref()),
+        _ => return e,
+    };
+    if text.contains("TLS") || text.contains("certificate") {
+        return Error::Config(format!(
+            "key `store.tls_ca_file`: the TLS handshake with {shown} failed ({text}): does that \
+             CA file (or, unset, the system's roots) sign the server's certificate, and does \
+             the certificate name the URL's host?"
+        ));
+    }
+    e
+}
+
+/// A client of its own (not pooled) to the store's database, with the store's TLS settings
+/// (`store.url`, `store.tls_ca_file`), for a function's set-up statements (charge-payment
+/// creates its ledger table with it); its connection runs on a spawned task.
+pub async fn connect(store: &crate::config::StoreSettings) -> Result<tokio_postgres::Client> {
+    let ca = crate::config::read_ca_file("store.tls_ca_file", store.tls_ca_file.as_deref())?;
+    let ca_pem = ca.as_deref();
+    let url = store.url.as_str();
+    let shown = redact_url(url);
+    let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        Error::Config(format!(
+            "key `store.url`: {shown} is not a PostgreSQL URL: {}",
+            chain(&e)
+        ))
+    })?;
+    let fail = |e: tokio_postgres::Error| {
+        tls_hint(
+            Error::store(format!("postgres: connecting (at {shown})"), e),
+            &shown,
+        )
+    };
+    let client = match tls_connector(&config, ca_pem)? {
+        Some(tls) => {
+            let (client, conn) = config.connect(tls).await.map_err(fail)?;
+            tokio::spawn(conn);
+            client
+        }
+        None => {
+            let (client, conn) = config.connect(NoTls).await.map_err(fail)?;
+            tokio::spawn(conn);
+            client
+        }
+    };
+    Ok(client)
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

@@ -142,8 +142,47 @@ impl RedisStore {
     /// Connects to `url` (`redis://[:password@]host[:port][/db]`, or `redis://user:password@...`
     /// with ACLs) and loads the scripts. The password never appears in errors.
     pub async fn open(url: &str, max_output_bytes: usize) -> Result<Self> {
-        let fail = |e: RedisError| Error::store(format!("redis {}", redact_url(url)), e);
-        let client = Client::open(url).map_err(fail)?;
+        Self::open_with_ca(url, max_output_bytes, None).await
+    }
+
+    /// [`RedisStore::open`] trusting the CA certificates of `ca_pem` (the text of
+    /// `store.tls_ca_file`) for `rediss://` instead of the system's roots. A certificate the
+    /// client rejects fails with `Config` naming `store.tls_ca_file`.
+    pub async fn open_with_ca(
+        url: &str,
+        max_output_bytes: usize,
+        ca_pem: Option<&str>,
+    ) -> Result<Self> {
+        let shown = redact_url(url);
+        let fail = |e: RedisError| {
+            let text = e.to_string();
+            if url.starts_with("rediss://")
+                && (text.contains("certificate")
+                    || text.contains("TLS")
+                    || text.contains("handshake"))
+            {
+                return Error::Config(format!(
+                    "key `store.tls_ca_file`: the TLS handshake with {shown} failed ({text}): \
+                     does that CA file (or, unset, the system's roots) sign the server's \
+                     certificate, and does the certificate name the URL's host?"
+                ));
+            }
+            Error::store(format!("redis {shown}"), e)
+        };
+        if url.starts_with("rediss://") {
+            crate::tls::install_provider();
+        }
+        let client = match ca_pem {
+            Some(pem) => Client::build_with_tls(
+                url,
+                ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.as_bytes().to_vec()),
+                },
+            ),
+            None => Client::open(url),
+        }
+        .map_err(fail)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));

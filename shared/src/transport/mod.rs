@@ -59,6 +59,10 @@ pub enum Purpose {
     Work,
     /// Every other command: creates nothing (`provision` does, by calling it).
     Admin,
+    /// Lambda mode: creates nothing and looks nothing up before the first event (SQS finds its
+    /// queues on the first copy it sends: a retry or a dead letter), so a cold start makes no
+    /// network call.
+    Lambda,
 }
 
 impl TransportOptions {
@@ -156,6 +160,10 @@ impl AnyTransport {
                     max_hold: rabbitmq::RabbitConfig::hold_within(
                         settings.transport.consumer_timeout,
                     ),
+                    tls_ca_pem: crate::config::read_ca_file(
+                        "transport.tls_ca_file",
+                        settings.transport.tls_ca_file.as_deref(),
+                    )?,
                     ..rabbitmq::RabbitConfig::default()
                 };
                 Ok(AnyTransport::Rabbitmq(
@@ -163,6 +171,9 @@ impl AnyTransport {
                 ))
             }
             #[cfg(feature = "sqs")]
+            TransportKind::Sqs if purpose == Purpose::Lambda => {
+                Ok(AnyTransport::Sqs(sqs::SqsTransport::open_lazy(opts).await?))
+            }
             TransportKind::Sqs => Ok(AnyTransport::Sqs(sqs::SqsTransport::open(opts).await?)),
             #[allow(unreachable_patterns)]
             other => Err(Error::Config(format!(

@@ -633,3 +633,79 @@ async fn each_invocation_writes_one_emf_document_with_its_batch() {
     assert_eq!(retried["ColdStart"], 1, "a new process starts cold");
     assert_eq!(docs[0]["version"], "canary-7");
 }
+
+/// A cold start calls no AWS service, and neither does a batch that succeeds (Lambda deletes
+/// the records): the function points at an endpoint that counts connections and reaches `/next`,
+/// then answers a valid record with no failure, and the endpoint saw no connection. The queues
+/// are looked up only for a retry or a dead-letter copy (the other tests of this module).
+#[tokio::test]
+async fn a_cold_start_and_a_successful_batch_make_no_aws_call() {
+    let endpoint = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", endpoint.local_addr().unwrap());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let counter = tokio::spawn(async move {
+        while let Ok((conn, _)) = endpoint.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let queue = unique("lam-lazy");
+    let env: Vec<(String, String)> = [
+        ("SLUICE__TRANSPORT__KIND", "sqs".to_owned()),
+        ("SLUICE__TRANSPORT__URL", queue.clone()),
+        (
+            "SLUICE__STORE__URL",
+            dir.path().join("idempotency.db").display().to_string(),
+        ),
+        (
+            "SLUICE__APP__LEDGER",
+            dir.path().join("ledger.db").display().to_string(),
+        ),
+        ("AWS_ENDPOINT_URL", url),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let api = RuntimeApi::start(FUNCTION).await.unwrap();
+    let bin = lambda_binary(FUNCTION).expect("lambda build of charge-payment");
+    let mut child = spawn_lambda(
+        &bin,
+        api.addr,
+        FUNCTION,
+        &env,
+        &dir.path().join("lambda.log"),
+    )
+    .expect("start the function");
+    api.wait_ready(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log: {}", log(dir.path())));
+
+    let mut record = record_template();
+    record["messageId"] = Value::from("lazy-1");
+    record["receiptHandle"] = Value::from("rh-lazy-1");
+    record["body"] = Value::from(charge_body("lazy-1", 100));
+    record["eventSourceARN"] = Value::from(queue_arn(&queue));
+    record["messageAttributes"] = serde_json::json!({});
+    let out = api
+        .invoke(&serde_json::json!({ "Records": [record] }), BUDGET)
+        .await
+        .expect("invocation");
+    let _ = child.kill();
+    let _ = child.wait();
+    counter.abort();
+    assert_eq!(
+        out,
+        Outcome::Response(serde_json::json!({ "batchItemFailures": [] })),
+        "log: {}",
+        log(dir.path())
+    );
+    assert_eq!(ledger(dir.path()).charges, 1, "log: {}", log(dir.path()));
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "AWS calls at start or for a successful batch; log: {}",
+        log(dir.path())
+    );
+}

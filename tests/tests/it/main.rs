@@ -22,14 +22,17 @@
 )]
 mod support;
 
+mod bad_input;
 mod cli;
 mod e2e_charge_payment;
 mod embedded_transport;
+mod fuzz_seeds;
 mod health;
 mod new_function;
 mod pipeline;
 mod prometheus_scrape;
 mod sqlite_store;
+mod tls;
 mod traces;
 
 #[cfg(feature = "lambda")]
@@ -41,6 +44,11 @@ mod lambda_mode;
 #[cfg(feature = "lambda")]
 mod local_esm;
 
+// The harness binary is built with every transport; the short runs need PostgreSQL.
+#[cfg(feature = "postgres")]
+mod chaos;
+#[cfg(all(feature = "postgres", feature = "rabbitmq"))]
+mod drills;
 #[cfg(feature = "postgres")]
 mod e2e_exactly_once;
 #[cfg(feature = "postgres")]
@@ -62,6 +70,9 @@ mod store_outage;
 
 #[cfg(feature = "s3")]
 mod s3_store;
+
+#[cfg(all(feature = "rabbitmq", feature = "postgres", feature = "redis"))]
+mod secrets;
 
 #[cfg(feature = "sqs")]
 mod sqs_e2e;

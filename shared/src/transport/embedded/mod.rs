@@ -25,6 +25,8 @@ use std::{
 use rusqlite::{params, Connection};
 use tokio::sync::Notify;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::codec::fuzz_row;
 pub(crate) use self::schema::open_sqlite;
 use super::{Transport, TransportOptions};
 use crate::{
@@ -140,7 +142,7 @@ impl EmbeddedTransport {
         // The oldest visible rows, by the (queue, visible_at, seq) index.
         let candidates: Vec<(i64, i64)> = tx
             .prepare_cached(
-                "SELECT seq, receive_count FROM messages WHERE queue = ?1 AND visible_at <= ?2
+                "SELECT seq, CAST(receive_count AS INTEGER) FROM messages WHERE queue = ?1 AND visible_at <= ?2
                  ORDER BY visible_at, seq LIMIT ?3",
             )?
             .query_map(

@@ -131,6 +131,89 @@ pub(super) fn copy_headers(producer: &FieldTable, envelope: &Envelope) -> FieldT
     out
 }
 
+/// What a copy's header table may take: RabbitMQ's default `frame_max` (131072 bytes; the
+/// content header, properties and headers, travels in one frame) less room for the other
+/// properties (each short string is at most 255 bytes) and the frame's own bytes.
+pub(super) const COPY_HEADER_BUDGET: usize = 131_072 - 8 * 1024;
+
+/// [`copy_headers`], made to fit in [`COPY_HEADER_BUDGET`]. A copy the broker refuses would
+/// cost a lease per delivery until the crash-loop guard moved it, so something gives way, in
+/// this order: the last error is cut to 256 bytes (the envelope's first trimming step); then,
+/// if the producer's headers are what is too big (written with a raw client, past the
+/// adapter's `MAX_HEADER_BYTES`), the largest of them are left off the copy, named in the log,
+/// so that the reason stays; then the envelope is trimmed further (`Envelope::shrink`). The
+/// body is never touched.
+pub(super) fn fitted_copy_headers(producer: &FieldTable, envelope: &Envelope) -> FieldTable {
+    let fits = |h: &FieldTable| table_size(h) <= COPY_HEADER_BUDGET;
+    let mut envelope = envelope.clone();
+    let headers = copy_headers(producer, &envelope);
+    if fits(&headers) {
+        return headers;
+    }
+    if envelope
+        .failure
+        .as_ref()
+        .is_some_and(|f| f.last_error.len() > 256)
+    {
+        envelope.shrink();
+        let headers = copy_headers(producer, &envelope);
+        if fits(&headers) {
+            return headers;
+        }
+    }
+    let mut by_size: Vec<(usize, String)> = producer
+        .into_iter()
+        .map(|(k, v)| (k.as_str().len() + value_size(v), k.as_str().to_owned()))
+        .collect();
+    by_size.sort_unstable_by(|a, b| b.cmp(a));
+    let mut kept = producer.inner().clone();
+    let mut dropped = Vec::new();
+    for (_, name) in by_size {
+        kept.retain(|k, _| k.as_str() != name);
+        dropped.push(name);
+        let headers = copy_headers(&FieldTable::from(kept.clone()), &envelope);
+        if fits(&headers) {
+            tracing::warn!(
+                dropped = ?dropped,
+                "the copy's headers do not fit in one AMQP frame: the largest producer headers are left off it"
+            );
+            return headers;
+        }
+    }
+    let empty = FieldTable::default();
+    loop {
+        let headers = copy_headers(&empty, &envelope);
+        if fits(&headers) || !envelope.shrink() {
+            return headers;
+        }
+    }
+}
+
+/// The encoded size of a header table (AMQP 0-9-1 field table: a 4-byte length, then per
+/// entry a short-string name, a type byte and the value).
+pub(super) fn table_size(t: &FieldTable) -> usize {
+    4 + t
+        .into_iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum::<usize>()
+}
+
+fn value_size(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::FieldTable(t) => table_size(t),
+        AMQPValue::Void => 0,
+    }
+}
+
 /// Producer headers as strings, names in lower case; a value that is not text is bad input.
 pub(super) fn producer_headers(t: &FieldTable) -> Result<Headers, Rejection> {
     let mut out = Headers::new();
@@ -332,6 +415,36 @@ pub(super) fn returns(top: &FieldTable, redelivered: bool) -> u32 {
         .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+/// The fuzz target `amqp_headers` (feature `fuzzing`): a header table off the wire, through
+/// everything a delivery's headers go through, checking that a copy always fits in a frame and
+/// that its envelope reads back as written.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_headers(bytes: &[u8]) {
+    let Ok((_, top)) = lapin::types::parsing::parse_field_table(bytes) else {
+        return;
+    };
+    let now = SystemTime::now();
+    let _ = returns(&top, true);
+    let _ = first_death(&top);
+    for trusted in [false, true] {
+        let (producer, envelope) = split(&top, trusted, now);
+        let _ = producer_headers(&producer);
+        let _ = producer_headers_lossy(&producer);
+        let Ok(envelope) = envelope else { continue };
+        let copy = fitted_copy_headers(&producer, &envelope);
+        let bare = copy_headers(&FieldTable::default(), &Envelope::default());
+        assert!(
+            table_size(&copy) <= COPY_HEADER_BUDGET.max(table_size(&bare)),
+            "a copy's headers must fit in one frame"
+        );
+        // What a copy carries reads back, and a second trip changes nothing.
+        let (_, once) = split(&copy_headers(&producer, &envelope), true, now);
+        let once = once.expect("a copy's own envelope reads back");
+        let (_, twice) = split(&copy_headers(&producer, &once), true, now);
+        assert_eq!(twice.expect("reads back again"), once);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use lapin::types::FieldArray;
@@ -406,6 +519,45 @@ mod tests {
             AMQPValue::LongString(LongString::from(vec![0xff])),
         );
         assert!(producer_headers(&t).unwrap_err().1.contains("not UTF-8"));
+    }
+
+    #[test]
+    fn a_copy_fits_in_one_frame_and_its_size_is_counted_as_encoded() {
+        let mut t = FieldTable::default();
+        t.insert("x-a".into(), long_string("abc"));
+        t.insert("x-n".into(), AMQPValue::LongInt(7));
+        let mut nested = FieldTable::default();
+        nested.insert("k".into(), AMQPValue::Boolean(true));
+        t.insert("x-t".into(), AMQPValue::FieldTable(nested));
+        t.insert(
+            "x-l".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::Void].into()),
+        );
+        t.insert("x-s".into(), AMQPValue::ShortString("s".into()));
+        t.insert("x-d".into(), AMQPValue::Double(1.5));
+        t.insert("x-b".into(), AMQPValue::ByteArray(vec![1u8, 2].into()));
+        // As lapin encodes it on the wire.
+        let encoded =
+            cookie_factory::gen_simple(lapin::types::generation::gen_field_table(&t), Vec::new())
+                .unwrap();
+        assert_eq!(table_size(&t), encoded.len());
+        let mut big = FieldTable::default();
+        for i in 0..50 {
+            big.insert(
+                format!("x-h{i:02}").as_str().into(),
+                long_string(&"v".repeat(3000)),
+            );
+        }
+        let mut envelope = Envelope::default();
+        envelope.record_failure(&Failure::now(FailureClass::Permanent, "e".repeat(4000)));
+        let copy = fitted_copy_headers(&big, &envelope);
+        assert!(table_size(&copy) <= COPY_HEADER_BUDGET);
+        let (_, read) = split(&copy, true, SystemTime::now());
+        let read = read.unwrap();
+        assert!(
+            !read.failure.unwrap().last_error.is_empty(),
+            "the reason stays"
+        );
     }
 
     #[test]

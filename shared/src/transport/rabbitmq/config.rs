@@ -43,6 +43,9 @@ pub struct RabbitConfig {
     /// Declare every queue with `x-expires` (and the exchange auto-delete), so that the broker
     /// removes an unused topology by itself. For tests; `None` in production.
     pub queue_expires: Option<Duration>,
+    /// `amqps://`: CA certificates (PEM text, from `transport.tls_ca_file`) trusted besides
+    /// the system's roots.
+    pub tls_ca_pem: Option<String>,
 }
 
 impl Default for RabbitConfig {
@@ -51,6 +54,7 @@ impl Default for RabbitConfig {
             prefetch: 20,
             max_hold: Self::hold_within(Duration::from_secs(30 * 60)),
             queue_expires: None,
+            tls_ca_pem: None,
         }
     }
 }

@@ -38,8 +38,9 @@ pub(super) fn connect_error(url: &str, e: lapin::Error) -> Error {
         if url.starts_with("amqps://") && io.kind() == std::io::ErrorKind::InvalidData {
             return Error::Config(format!(
                 "key `transport.url`: the TLS handshake with {shown} failed ({io}): is that \
-                 port a TLS listener (5671 by default, 5672 is plain amqp://), and does the \
-                 broker's certificate name that host?"
+                 port a TLS listener (5671 by default, 5672 is plain amqp://), does the \
+                 broker's certificate name that host, and is it signed by a CA of \
+                 `transport.tls_ca_file` (or of the system's roots)?"
             ));
         }
     }

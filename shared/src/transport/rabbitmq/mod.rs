@@ -49,6 +49,8 @@ use std::{
 
 /// The client this adapter is built on, re-exported so that tools beside it (the benchmark's
 /// raw baseline) and users speak to the broker with the same lapin version.
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::codec::fuzz_headers;
 pub use lapin;
 
 pub use self::{

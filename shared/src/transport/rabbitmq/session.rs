@@ -84,11 +84,23 @@ impl Inner {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let name = format!("sluice {} on {}", self.opts.function, self.names.work);
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        let connection =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.opts.url, props))
-                .await
-                .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
-                .map_err(|e| connect_error(&self.opts.url, e))?;
+        let connect = async {
+            match &self.config.tls_ca_pem {
+                Some(pem) => {
+                    let tls = lapin::tcp::OwnedTLSConfig {
+                        identity: None,
+                        cert_chain: Some(pem.clone()),
+                    };
+                    let runtime = lapin::runtime::default_runtime()?;
+                    Connection::connect_with_config(&self.opts.url, props, tls, runtime).await
+                }
+                None => Connection::connect(&self.opts.url, props).await,
+            }
+        };
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
+            .map_err(|e| connect_error(&self.opts.url, e))?;
         let session = Session {
             generation,
             connection,

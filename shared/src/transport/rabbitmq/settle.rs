@@ -155,7 +155,7 @@ impl Inner {
         };
         // The copy's own deliveries count on from this attempt.
         let envelope = d.envelope.for_retry(d.attempt, failure, due);
-        let headers = codec::copy_headers(&lease.producer, &envelope);
+        let headers = codec::fitted_copy_headers(&lease.producer, &envelope);
         self.replace_with_copy(d, key, lease, self.names.route(delay), headers)
             .await
     }
@@ -169,7 +169,7 @@ impl Inner {
             &self.names.work,
             SystemTime::now(),
         );
-        let headers = codec::copy_headers(&lease.producer, &envelope);
+        let headers = codec::fitted_copy_headers(&lease.producer, &envelope);
         self.replace_with_copy(d, key, lease, &self.names.dlq, headers)
             .await
     }

@@ -493,6 +493,72 @@ pub(super) fn batch_entry(i: usize, e: &Entry) -> Result<SendMessageBatchRequest
         .map_err(|err| Error::Invalid(format!("batch entry: {err}")))
 }
 
+/// The fuzz targets `sqs_message` and `lambda_event` (feature `fuzzing`): a received message
+/// decoded, then sent on as a copy (a retry: history, headers, encodings) and decoded again:
+/// the body's bytes and the producer headers come back intact, the envelope reads back, and a
+/// second trip changes nothing.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_round_trip(m: &Message) {
+    use crate::envelope::{Failure, FailureClass};
+    let now = SystemTime::now();
+    let first = decode_message(m, now);
+    let mut envelope = match &first.envelope {
+        None => Envelope::default(),
+        Some(Ok(e)) => e.clone(),
+        Some(Err(_)) => return,
+    };
+    if first.bad_header.is_some() {
+        return;
+    }
+    envelope.id = Some(first.id());
+    let failure = Failure::now(FailureClass::Transient, "fuzzed");
+    let mut body = first.body.clone();
+    let mut headers = first.headers.clone();
+    for trip in 0..2 {
+        let copy = encode_entry(
+            &body,
+            &headers,
+            envelope.for_retry(trip + 1, &failure, None),
+            Duration::ZERO,
+            false,
+            Sender::Copy {
+                trace: None,
+                group: None,
+                dedup: String::new(),
+            },
+        );
+        let Ok(entry) = copy else { return };
+        assert!(entry.size <= MAX_MESSAGE_BYTES);
+        let back = decode_message(&message_of(&entry), now);
+        assert_eq!(back.body, body, "the body's bytes come back intact");
+        assert_eq!(back.headers, headers, "the producer headers come back");
+        assert!(back.bad_header.is_none());
+        envelope = back
+            .envelope
+            .expect("a copy carries sluice-meta")
+            .expect("a copy's envelope reads back");
+        assert_eq!(envelope.id.as_deref(), Some(first.id().as_str()));
+        (body, headers) = (back.body, back.headers);
+    }
+}
+
+/// A message as SQS would deliver the entry.
+#[cfg(any(test, feature = "fuzzing"))]
+fn message_of(entry: &Entry) -> Message {
+    let mut m = Message::builder().message_id("sqs-1").body(&entry.body);
+    for (k, v) in &entry.attributes {
+        m = m.message_attributes(
+            k,
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(v)
+                .build()
+                .expect("a String attribute"),
+        );
+    }
+    m.build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,18 +573,7 @@ mod tests {
     }
 
     fn received(entry: &Entry) -> Received {
-        let mut m = Message::builder().message_id("sqs-1").body(&entry.body);
-        for (k, v) in &entry.attributes {
-            m = m.message_attributes(
-                k,
-                MessageAttributeValue::builder()
-                    .data_type("String")
-                    .string_value(v)
-                    .build()
-                    .unwrap(),
-            );
-        }
-        decode_message(&m.build(), SystemTime::now())
+        decode_message(&message_of(entry), SystemTime::now())
     }
 
     #[test]

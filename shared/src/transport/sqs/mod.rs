@@ -38,6 +38,8 @@ use std::{sync::Arc, time::Duration};
 pub use aws_sdk_sqs;
 use aws_sdk_sqs::Client;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::codec::fuzz_round_trip;
 #[cfg(feature = "lambda")]
 pub(crate) use self::codec::{decode_message, Received};
 pub use self::{
@@ -93,17 +95,7 @@ impl SqsTransport {
 
     /// [`open`](Self::open) with an explicit SDK configuration.
     pub async fn open_with(opts: TransportOptions, sdk: aws_sdk_sqs::Config) -> Result<Self> {
-        let config = SqsConfig::from_options(&opts)?;
-        let client = Client::from_conf(sdk);
-        let shared = Shared {
-            opts,
-            config,
-            client,
-            urls: tokio::sync::OnceCell::new(),
-            acks: tokio::sync::OnceCell::new(),
-            leases: LeaseClock::default(),
-            fifo_memo: Mutex::new(FifoMemo::default()),
-        };
+        let shared = Self::shared(opts, sdk)?;
         // Found now when they exist, so a queue without a RedrivePolicy fails at start; a
         // missing queue is not an error yet (`provision` is about to create it).
         if let Some(urls) =
@@ -112,6 +104,29 @@ impl SqsTransport {
             let _ = shared.urls.set(urls);
         }
         Ok(Self(Arc::new(shared)))
+    }
+
+    /// Lambda mode: no call to SQS until one is needed. The trigger's records carry all a
+    /// successful invocation needs; the queues are looked up (and their RedrivePolicy checked)
+    /// on the first retry or dead-letter copy, once per process.
+    pub(crate) async fn open_lazy(opts: TransportOptions) -> Result<Self> {
+        SqsConfig::from_options(&opts)?;
+        let sdk = sdk_config_from_env().await?.build();
+        Ok(Self(Arc::new(Self::shared(opts, sdk)?)))
+    }
+
+    fn shared(opts: TransportOptions, sdk: aws_sdk_sqs::Config) -> Result<Shared> {
+        let config = SqsConfig::from_options(&opts)?;
+        let client = Client::from_conf(sdk);
+        Ok(Shared {
+            opts,
+            config,
+            client,
+            urls: tokio::sync::OnceCell::new(),
+            acks: tokio::sync::OnceCell::new(),
+            leases: LeaseClock::default(),
+            fifo_memo: Mutex::new(FifoMemo::default()),
+        })
     }
 
     /// The queue settings in force.

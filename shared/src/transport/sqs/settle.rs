@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     batch::Batcher,
-    envelope::Failure,
+    envelope::{Envelope, Failure},
     error::{Error, Result},
     lease::{Span, Taken},
     message::{Delivery, OldestAge, QueueStats, ReceiptKind, SqsReceipt},
@@ -211,21 +211,44 @@ impl Shared {
         );
         envelope.id = Some(d.id.clone());
         let dedup = fifo_dedup("dead-letter", &d.id, envelope.redriven());
-        let copy = encode_entry(
-            &d.body,
-            &d.headers,
-            envelope,
-            Duration::ZERO,
-            self.config.fifo,
-            Sender::Copy {
-                trace: r.trace.as_deref(),
-                group: r.group.as_deref(),
-                dedup,
-            },
-        )
+        let sender = || Sender::Copy {
+            trace: r.trace.as_deref(),
+            group: r.group.as_deref(),
+            dedup: dedup.clone(),
+        };
+        let encode = |headers: &crate::message::Headers, envelope: Envelope| {
+            encode_entry(
+                &d.body,
+                headers,
+                envelope,
+                Duration::ZERO,
+                self.config.fifo,
+                sender(),
+            )
+        };
+        // A dead-letter copy must always be possible (the alternative is a lease at a time
+        // until the RedrivePolicy moves it): when the body leaves no room for the trimmed
+        // envelope and the headers, the copy keeps the dead-letter mark alone, then the body
+        // alone. The body's bytes are never touched; the log keeps what was left off.
+        let minimal = Envelope {
+            id: envelope.id.clone(),
+            dead_letter: envelope.dead_letter.clone(),
+            ..Envelope::default()
+        };
+        let empty = crate::message::Headers::new();
+        let copy = match encode(&d.headers, envelope) {
+            Err(Error::Limit(why)) => {
+                tracing::warn!(id = %d.id, reason = %why, error = %failure.reason, "the dead-letter copy does not fit with its history and headers; it keeps its body and as much of its mark as fits (the reason is this log line)");
+                match encode(&empty, minimal) {
+                    Err(Error::Limit(_)) => encode(&empty, Envelope::default()),
+                    other => other,
+                }
+            }
+            other => other,
+        }
         .map_err(|e| match e {
             Error::Limit(why) => Error::Limit(format!(
-                "{why}: the dead-letter copy does not fit even without its history; the queue's RedrivePolicy will move the message as a crash loop"
+                "{why}: the dead-letter copy does not fit even as its bare body; the queue's RedrivePolicy will move the message as a crash loop"
             )),
             e => e,
         })?;

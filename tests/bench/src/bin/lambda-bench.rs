@@ -2,7 +2,8 @@
 //! start-up: settings, logging, the SQS client and its queue check on moto, the idempotency
 //! store, the function's state), against a bare `lambda_runtime` SQS handler (`bare-lambda`)
 //! in the same run, both timed by the Runtime API stub. Prints the medians of N starts each,
-//! and the resident memory at the first `/next`.
+//! and the resident memory at the first `/next`; then the first invocation's latency (one
+//! record: what laziness at start moves to the first event shows here) and a second, warm one.
 //!
 //! `just bench lambda [--runs N] [--json]` (needs moto: the function checks its queue at start).
 
@@ -19,7 +20,7 @@ struct Args {
     /// Starts per binary.
     #[arg(long, default_value_t = 20)]
     runs: usize,
-    /// The Sluice function binary (default: the release Lambda build `just package` zips).
+    /// The Sluice function binary (default: the `lambda`-profile build `just package` zips).
     #[arg(long)]
     function_bin: Option<PathBuf>,
     /// The baseline (default: `bare-lambda` beside this executable).
@@ -41,6 +42,34 @@ struct Row {
     p90_ms: f64,
     max_ms: f64,
     rss_kib_median: u64,
+    first_invoke_ms_median: f64,
+    warm_invoke_ms_median: f64,
+}
+
+/// A one-record SQS event with a valid charge request (the bare handler ignores it).
+fn one_record(queue_arn: &str) -> serde_json::Value {
+    let mut r = sluice_tests::lambda::record_template();
+    let id = uuid::Uuid::new_v4().to_string();
+    r["messageId"] = serde_json::json!(id);
+    r["receiptHandle"] = serde_json::json!(format!("rh-{id}"));
+    r["body"] = serde_json::json!(format!(
+        r#"{{"payment_id":"p-{id}","amount_cents":1250,"currency":"EUR","customer":"c-9"}}"#
+    ));
+    r["eventSourceARN"] = serde_json::json!(queue_arn);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    r["attributes"] = serde_json::json!({
+        "ApproximateReceiveCount": "1",
+        "SentTimestamp": now_ms.to_string(),
+        "ApproximateFirstReceiveTimestamp": now_ms.to_string(),
+    });
+    serde_json::json!({ "Records": [r] })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -60,9 +89,11 @@ async fn measure(
     bin: &PathBuf,
     env: &dyn Fn(&std::path::Path) -> Vec<(String, String)>,
     runs: usize,
+    queue_arn: &str,
 ) -> anyhow::Result<Row> {
     let mut times = Vec::with_capacity(runs);
     let mut rss = Vec::with_capacity(runs);
+    let (mut first, mut warm) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for _ in 0..runs {
         let dir = tempfile::tempdir()?;
         let api = RuntimeApi::start(name).await?;
@@ -85,6 +116,18 @@ async fn measure(
         };
         times.push(ready.duration_since(started).as_secs_f64() * 1000.0);
         rss.push(rss_kib(child.id()));
+        for latencies in [&mut first, &mut warm] {
+            let sent = std::time::Instant::now();
+            let outcome = api
+                .invoke(&one_record(queue_arn), Duration::from_secs(30))
+                .await;
+            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+            if let Err(e) = outcome {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+                anyhow::bail!("{name}: invocation: {e}\n{log}");
+            }
+        }
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -101,6 +144,8 @@ async fn measure(
         p90_ms: pick(0.9),
         max_ms: *times.last().unwrap(),
         rss_kib_median: rss[rss.len() / 2],
+        first_invoke_ms_median: median(first),
+        warm_invoke_ms_median: median(warm),
     })
 }
 
@@ -115,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
         // What `just package` zipped as `bootstrap`.
         None => target_root
             .join(LAMBDA_TARGET)
-            .join("release/charge-payment"),
+            .join("lambda/charge-payment"),
     };
     let bare_bin = args.bare_bin.unwrap_or_else(|| exe_dir.join("bare-lambda"));
     for b in [&function_bin, &bare_bin] {
@@ -142,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         declare: true,
     })
     .await?;
+    let arn = sluice_tests::lambda::queue_arn(&queue);
     let q = queue.clone();
     let sluice_env = move |dir: &std::path::Path| {
         vec![
@@ -160,10 +206,17 @@ async fn main() -> anyhow::Result<()> {
     let bare_env = |_: &std::path::Path| Vec::new();
 
     // Interleaved warm-up of the page cache, then the measured runs.
-    measure("bare-lambda", &bare_bin, &bare_env, 2).await?;
-    measure("charge-payment", &function_bin, &sluice_env, 2).await?;
-    let bare = measure("bare-lambda", &bare_bin, &bare_env, args.runs).await?;
-    let sluice = measure("charge-payment", &function_bin, &sluice_env, args.runs).await?;
+    measure("bare-lambda", &bare_bin, &bare_env, 2, &arn).await?;
+    measure("charge-payment", &function_bin, &sluice_env, 2, &arn).await?;
+    let bare = measure("bare-lambda", &bare_bin, &bare_env, args.runs, &arn).await?;
+    let sluice = measure(
+        "charge-payment",
+        &function_bin,
+        &sluice_env,
+        args.runs,
+        &arn,
+    )
+    .await?;
     let rows = [bare, sluice];
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -174,24 +227,28 @@ async fn main() -> anyhow::Result<()> {
         args.runs
     );
     println!(
-        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "binary", "size", "median", "min", "p90", "max", "RSS"
+        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>11}",
+        "binary", "size", "median", "min", "p90", "max", "RSS", "1st invoke", "2nd invoke"
     );
     for r in &rows {
         println!(
-            "{:<16} {:>8.1}MB {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.1}MB",
+            "{:<16} {:>8.1}MB {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.1}MB {:>10.2}ms {:>9.2}ms",
             r.name,
             r.binary_bytes as f64 / 1e6,
             r.median_ms,
             r.min_ms,
             r.p90_ms,
             r.max_ms,
-            r.rss_kib_median as f64 / 1024.0
+            r.rss_kib_median as f64 / 1024.0,
+            r.first_invoke_ms_median,
+            r.warm_invoke_ms_median
         );
     }
     println!(
-        "Sluice's start-up costs {:.2} ms more than the bare handler (median)",
-        rows[1].median_ms - rows[0].median_ms
+        "Sluice's start-up costs {:.2} ms more than the bare handler (median), {:.2}x; its first invocation {:.2} ms more",
+        rows[1].median_ms - rows[0].median_ms,
+        rows[1].median_ms / rows[0].median_ms,
+        rows[1].first_invoke_ms_median - rows[0].first_invoke_ms_median
     );
     Ok(())
 }
