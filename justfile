@@ -31,9 +31,10 @@ test: lint
     # cargo-lambda (PyPI) for tests/tests/it/cargo_lambda.rs; seconds, once per machine.
     scripts/lambda.sh install
     cargo build --workspace --bins
-    # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs: built for
-    # an explicit target so it lands beside the host binaries, not over them.
-    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda,faults --target x86_64-unknown-linux-gnu
+    # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs, with
+    # `otlp` for traces.rs's Lambda spans (the shipped zips leave it out): built for an explicit
+    # target so it lands beside the host binaries, not over them.
+    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda,faults,otlp --target x86_64-unknown-linux-gnu
     # The API reference builds without a warning (every public item documented, links resolve).
     RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p sluice --no-deps --all-features
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
