@@ -39,9 +39,10 @@ test: lint
     # cargo-lambda (PyPI) for tests/tests/it/cargo_lambda.rs; seconds, once per machine.
     scripts/lambda.sh install
     cargo build --workspace --bins
-    # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs: built for
-    # an explicit target so it lands beside the host binaries, not over them.
-    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda,faults --target x86_64-unknown-linux-gnu
+    # The Lambda flavour (no lapin), for tests/tests/it/lambda_mode.rs and local_esm.rs, with
+    # `otlp` for traces.rs's Lambda spans (the shipped zips leave it out): built for an explicit
+    # target so it lands beside the host binaries, not over them.
+    cargo build -p charge-payment -p deliver-webhook --no-default-features --features lambda,faults,otlp --target x86_64-unknown-linux-gnu
     # The API reference builds without a warning (every public item documented, links resolve).
     RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p sluice --no-deps --all-features
     # Doc tests and the deploy files first: the last lines CI reads are nextest's summary.
@@ -50,7 +51,7 @@ test: lint
     # sluice with no feature, with each feature alone and with all: each combination compiles.
     scripts/check-features.sh
     # The fuzz targets' seeds and regressions run in nextest (fuzz_seeds::*). Fuzzing itself
-    # needs an instrumented build of its own (cold: about COLD minutes here), too costly for every
+    # needs an instrumented build of its own (cold: 12 min of CPU, docs/reliability.md), too costly for every
     # CI run: SLUICE_FUZZ_SECONDS=5 just test adds a short run of each target.
     if [ -n "${SLUICE_FUZZ_SECONDS:-}" ]; then scripts/fuzz.sh run "" "$SLUICE_FUZZ_SECONDS"; fi
     cargo nextest run --workspace --no-fail-fast

@@ -71,6 +71,10 @@ pub struct DeadLetter {
     /// The dead-letter queue of the last redrive, if it was redriven.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redriven_from: Option<String>,
+    /// The trace id of the message's creation context (32 hex digits), to find its trace:
+    /// every delivery, the dead-lettering and a redrive are in it (docs/architecture.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// The raw body bytes.
     #[serde(skip)]
     pub raw_body: Vec<u8>,
@@ -191,6 +195,11 @@ impl DeadLetter {
                 .as_ref()
                 .map(|r| r.from.clone())
                 .filter(|f| !f.is_empty()),
+            trace_id: envelope
+                .trace
+                .as_ref()
+                .and_then(|t| crate::tracecontext::TraceParent::parse(&t.traceparent))
+                .map(|tp| tp.trace_id_hex()),
             raw_body: body,
             envelope,
         }

@@ -219,6 +219,15 @@ impl<S> Context<S> {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
+    /// The W3C trace context of this delivery's `process` span, while spans are exported
+    /// (feature `otlp`; else `None`): pass it to downstreams as `traceparent` and
+    /// `tracestate`. A message the handler publishes through an
+    /// [`AnyTransport`](crate::transport::AnyTransport) gets it as its creation context by
+    /// itself.
+    pub fn trace_context(&self) -> Option<crate::envelope::TraceContext> {
+        crate::telemetry::trace::context_of(&tracing::Span::current())
+    }
+
     /// The idempotency key of this message; pass it to downstreams that accept one.
     pub fn idempotency_key(&self) -> &str {
         &self.idempotency_key

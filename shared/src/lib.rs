@@ -114,6 +114,7 @@ pub mod time;
 #[cfg(any(feature = "postgres", feature = "redis"))]
 mod tls;
 pub mod topology;
+pub mod tracecontext;
 pub mod transport;
 pub mod worker;
 pub mod workflow;

@@ -157,6 +157,9 @@ pub struct Delivery {
     pub defect: Option<Rejection>,
     /// The transport's handle for settling this delivery.
     pub receipt: Receipt,
+    /// RabbitMQ: the routing key it was delivered with (its process span's attribute).
+    #[cfg_attr(not(feature = "rabbitmq"), allow(dead_code))]
+    pub(crate) routing_key: Option<String>,
 }
 
 impl Delivery {
@@ -178,6 +181,25 @@ impl Delivery {
     /// Time of the first failure, if an earlier delivery failed.
     pub fn first_failure_at(&self) -> Option<SystemTime> {
         self.envelope.first_failure_at()
+    }
+
+    /// RabbitMQ's routing key and delivery tag of this delivery (none on other transports).
+    pub(crate) fn rabbitmq_facts(&self) -> (Option<&str>, Option<u64>) {
+        match &self.receipt.0 {
+            #[cfg(feature = "rabbitmq")]
+            ReceiptKind::Rabbitmq(k) => (self.routing_key.as_deref(), Some(k.tag)),
+            _ => (None, None),
+        }
+    }
+
+    /// SQS's `AWSTraceHeader` system attribute (X-Ray), when the message has one.
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+    pub(crate) fn aws_trace_header(&self) -> Option<&str> {
+        match &self.receipt.0 {
+            #[cfg(feature = "sqs")]
+            ReceiptKind::Sqs(r) => r.trace.as_deref(),
+            _ => None,
+        }
     }
 
     /// The same delivery with another SQS receipt handle: for tests of handles SQS never
@@ -204,6 +226,7 @@ impl Delivery {
             },
             defect: None,
             receipt: Receipt::detached(),
+            routing_key: None,
         }
     }
 }

@@ -326,7 +326,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The Lambda flavour of a function binary (`--no-default-features --features lambda,faults`:
+/// The Lambda flavour of a function binary (`--no-default-features --features lambda,faults,otlp`:
 /// the tests inject faults into it), built
 /// for [`LAMBDA_TARGET`] in the same profile as the running executable:
 /// `<target>/x86_64-unknown-linux-gnu/<profile>/<name>`. `SLUICE_LAMBDA_BIN_DIR` overrides
@@ -349,7 +349,7 @@ pub fn lambda_binary(name: &str) -> anyhow::Result<PathBuf> {
     if !bin.exists() {
         bail!(
             "{} is not built: `cargo build -p {name} --no-default-features --features \
-             lambda,faults --target {LAMBDA_TARGET}` (`just test` does)",
+             lambda,faults,otlp --target {LAMBDA_TARGET}` (`just test` does)",
             bin.display()
         );
     }

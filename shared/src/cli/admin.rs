@@ -1,12 +1,15 @@
 //! The queue commands: they open the transport alone (no state initializer, no store;
 //! `provision` also creates what the store needs), and only `provision` creates queues.
 
+use tracing::Instrument;
+
 use super::{print, read_body, DlqCommand, Outcome, SendArgs};
 use crate::{
     config::Settings,
     error::{Error, Result},
     message::{check_input, OutgoingMessage, RedriveFilter},
     store::AnyStore,
+    telemetry::trace,
     transport::{AnyTransport, Transport},
 };
 
@@ -29,42 +32,57 @@ pub(super) async fn send(t: &AnyTransport, settings: &Settings, args: SendArgs) 
     check_input(&body, &headers, &settings.limits).map_err(|(_, reason)| Error::Limit(reason))?;
     let text = String::from_utf8_lossy(&body).into_owned();
     let templated = text.contains("{{seq}}");
-    #[cfg(feature = "faults")]
-    let poison_rate = settings.fault.poison_rate;
-    let mut sent = 0usize;
-    let mut batch = Vec::with_capacity(SEND_CHUNK.min(args.count));
-    for seq in 0..args.count {
-        #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
-        let mut b = if templated {
-            text.replace("{{seq}}", &seq.to_string()).into_bytes()
-        } else {
-            body.clone()
-        };
+    let caller = trace::caller_context(args.traceparent.as_deref());
+    let (span, context) = trace::start_send(
+        trace::messaging_system(settings.transport.kind),
+        &settings.queue,
+        args.count,
+        caller,
+    );
+    let envelope = crate::envelope::Envelope {
+        trace: context,
+        ..Default::default()
+    };
+    async move {
         #[cfg(feature = "faults")]
-        if poison_rate > 0.0 && rand::random::<f64>() < poison_rate {
-            // fault.poison_rate: a corrupted body exercises the bad-input path.
-            b.truncate(b.len() / 2);
-            b.extend_from_slice(b"\xff<poison>");
-        }
-        batch.push(OutgoingMessage {
-            body: b,
-            headers: headers.clone(),
-            delay: args.delay.unwrap_or_default(),
-            ..OutgoingMessage::default()
-        });
-        if batch.len() == SEND_CHUNK || seq + 1 == args.count {
-            let n = batch.len();
-            let ids = t.publish(std::mem::take(&mut batch)).await?;
-            sent += n;
-            if args.count == 1 {
-                println!("{}", ids[0]);
+        let poison_rate = settings.fault.poison_rate;
+        let mut sent = 0usize;
+        let mut batch = Vec::with_capacity(SEND_CHUNK.min(args.count));
+        for seq in 0..args.count {
+            #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
+            let mut b = if templated {
+                text.replace("{{seq}}", &seq.to_string()).into_bytes()
+            } else {
+                body.clone()
+            };
+            #[cfg(feature = "faults")]
+            if poison_rate > 0.0 && rand::random::<f64>() < poison_rate {
+                // fault.poison_rate: a corrupted body exercises the bad-input path.
+                b.truncate(b.len() / 2);
+                b.extend_from_slice(b"\xff<poison>");
+            }
+            batch.push(OutgoingMessage {
+                body: b,
+                headers: headers.clone(),
+                delay: args.delay.unwrap_or_default(),
+                envelope: envelope.clone(),
+            });
+            if batch.len() == SEND_CHUNK || seq + 1 == args.count {
+                let n = batch.len();
+                let ids = t.publish(std::mem::take(&mut batch)).await?;
+                sent += n;
+                if args.count == 1 {
+                    println!("{}", ids[0]);
+                }
             }
         }
+        if args.count != 1 {
+            println!("sent {sent} message(s) to {}", settings.queue);
+        }
+        Ok(Outcome::Done)
     }
-    if args.count != 1 {
-        println!("sent {sent} message(s) to {}", settings.queue);
-    }
-    Ok(Outcome::Done)
+    .instrument(span)
+    .await
 }
 
 /// `dlq list` and `dlq show`.

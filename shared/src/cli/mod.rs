@@ -152,6 +152,10 @@ pub(crate) struct SendArgs {
     /// The run's tracking id (`{{seq}}` becomes 0, 1, 2, ...); default a fresh UUID each.
     #[arg(long, requires = "workflow")]
     id: Option<String>,
+    /// The caller's W3C trace context to continue (default: the `TRACEPARENT` variable, with
+    /// `TRACESTATE`); one that does not parse is ignored with a warning.
+    #[arg(long, value_name = "TRACEPARENT")]
+    traceparent: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,6 +186,13 @@ pub(crate) fn parse() -> Cli {
 
 /// Runs the parsed command for a function.
 pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
+    let result = run_command(def, cli).await;
+    // The spans of the command leave before the process does.
+    let _ = tokio::task::spawn_blocking(crate::telemetry::trace::shutdown).await;
+    result
+}
+
+async fn run_command(def: Definition, cli: Cli) -> Result<Outcome> {
     let file_toml = match &cli.config {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -201,7 +212,7 @@ pub(crate) async fn run(def: Definition, cli: Cli) -> Result<Outcome> {
         overrides.push(format!("worker.concurrency={n}"));
     }
     let settings = def.load_settings(file_toml.as_deref(), &overrides)?;
-    init_logging(&settings.telemetry);
+    init_logging(&settings.telemetry, &def.name);
     let name = def.name.clone();
     let admin = |settings| {
         let name = name.clone();

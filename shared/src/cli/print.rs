@@ -39,6 +39,9 @@ pub(super) fn dead_letter(dl: &DeadLetter) {
     if let Some(from) = &dl.redriven_from {
         println!("redriven from     {from}");
     }
+    if let Some(trace) = &dl.trace_id {
+        println!("trace id          {trace}");
+    }
     println!("last error        {}", dl.last_error);
     for (k, v) in &dl.headers {
         println!("header            {k}: {v}");

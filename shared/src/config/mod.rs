@@ -13,8 +13,8 @@ mod sections;
 #[cfg(feature = "faults")]
 pub use self::sections::FaultSettings;
 pub use self::sections::{
-    BreakerSettings, LimitSettings, LogFormat, RateLimitSettings, RetrySettings, StoreKind,
-    StoreSettings, TelemetrySettings, TransportKind, TransportSettings, WorkerSettings,
+    BreakerSettings, LimitSettings, LogFormat, OtlpSettings, RateLimitSettings, RetrySettings,
+    StoreKind, StoreSettings, TelemetrySettings, TransportKind, TransportSettings, WorkerSettings,
 };
 use crate::error::{Error, Result};
 
@@ -258,6 +258,28 @@ impl Settings {
             return bad(
                 "telemetry.queue_poll_interval",
                 "must be at least 1s (or 0s: never)",
+            );
+        }
+        let endpoint = &t.otlp.endpoint;
+        if !endpoint.is_empty() {
+            if cfg!(not(feature = "otlp")) {
+                return bad(
+                    "telemetry.otlp.endpoint",
+                    "trace export is not built into this binary (it needs the cargo feature \
+                     `otlp` of sluice)",
+                );
+            }
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return bad(
+                    "telemetry.otlp.endpoint",
+                    "must be an http:// or https:// URL (OTLP over HTTP, e.g. http://collector:4318)",
+                );
+            }
+        }
+        if t.otlp.service_name.len() > 255 || t.otlp.service_name.chars().any(char::is_control) {
+            return bad(
+                "telemetry.otlp.service_name",
+                "must be at most 255 bytes of text without control characters",
             );
         }
         // CloudWatch's rules for a namespace (PutMetricData): 1 to 255 of these characters,

@@ -312,6 +312,10 @@ impl Default for LimitSettings {
 pub struct FaultSettings {
     /// Fraction of handler calls that fail transiently before the handler runs.
     pub failure_rate: f64,
+    /// Every delivery of a message up to this attempt number fails transiently before the
+    /// handler runs (2: the first two deliveries fail, the third runs): a retry history that
+    /// tests and drills can count on.
+    pub fail_first: u32,
     /// Fraction of handler calls that panic.
     pub panic_rate: f64,
     /// Added latency per handler call.
@@ -360,6 +364,23 @@ pub struct TelemetrySettings {
     /// The CloudWatch namespace of Lambda mode's embedded metric format documents (the
     /// generated alarms read the same key).
     pub emf_namespace: String,
+    /// Trace export over OTLP/HTTP (cargo feature `otlp`).
+    pub otlp: OtlpSettings,
+}
+
+/// `[telemetry.otlp]`: where spans go (docs/operations.md#traces). Export is on when the binary
+/// has the cargo feature `otlp` and an endpoint is known: this key, else the standard
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpSettings {
+    /// The collector's OTLP/HTTP base URL, e.g. `http://otel-collector:4318` (`/v1/traces` is
+    /// appended unless the URL already ends with it). Empty (the default): the `OTEL_*`
+    /// variables decide.
+    pub endpoint: String,
+    /// The `service.name` of the spans. Empty (the default): `OTEL_SERVICE_NAME`, else the
+    /// function's name.
+    pub service_name: String,
 }
 
 impl Default for TelemetrySettings {
@@ -371,6 +392,7 @@ impl Default for TelemetrySettings {
             version: String::new(),
             queue_poll_interval: Duration::from_secs(15),
             emf_namespace: "Sluice".into(),
+            otlp: OtlpSettings::default(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! | dead-letter mark | function, attempts, original queue, when | dead-letter copies |
 //! | redrive marks | how often, when last, from which dead-letter queue | redrive |
 //! | trace context | W3C `traceparent` / `tracestate` of the message's creation | the producer; kept by every copy |
+//! | previous span | W3C `traceparent` of the delivery that made this copy | retry, dead-letter and redrive copies |
 //! | workflow slip | opaque text owned by the workflow runtime | the workflow runtime |
 //!
 //! A transport only decides how the fields are written on its wire ([`Envelope::to_fields`]:
@@ -70,11 +71,14 @@ pub mod field {
     pub const TRACEPARENT: &str = "sluice-traceparent";
     /// W3C trace state of the message's creation.
     pub const TRACESTATE: &str = "sluice-tracestate";
+    /// W3C `traceparent` of the delivery (process span) that made this copy: a retry's,
+    /// dead letter's or redrive's link to the attempt before it.
+    pub const PREVIOUS_SPAN: &str = "sluice-previous-span";
     /// The workflow slip (opaque to the envelope).
     pub const SLIP: &str = "sluice-slip";
 
     /// Every field name, in the order [`super::Envelope::to_fields`] writes them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         ID,
         ENQUEUED_AT,
         RETRIES,
@@ -92,6 +96,7 @@ pub mod field {
         REDRIVEN_FROM,
         TRACEPARENT,
         TRACESTATE,
+        PREVIOUS_SPAN,
         SLIP,
     ];
 }
@@ -226,6 +231,8 @@ pub struct Envelope {
     pub redrive: Option<RedriveMarks>,
     /// The trace context of the message's creation.
     pub trace: Option<TraceContext>,
+    /// The `traceparent` of the delivery that made this copy (none on a producer's message).
+    pub previous_span: Option<String>,
     /// The workflow slip.
     pub slip: Option<String>,
 }
@@ -304,7 +311,8 @@ impl Envelope {
     }
 
     /// The envelope of a copy redriven from the dead-letter queue `from`: attempts reset,
-    /// history dropped, the redrive counted. Identity, trace context and slip stay.
+    /// history dropped, the redrive counted. Identity, trace context (with the span of the
+    /// delivery that dead-lettered it), and slip stay.
     pub fn for_redrive(&self, from: &str, now: SystemTime) -> Self {
         Envelope {
             id: self.id.clone(),
@@ -319,6 +327,7 @@ impl Envelope {
                 from: from.to_owned(),
             }),
             trace: self.trace.clone(),
+            previous_span: self.previous_span.clone(),
             slip: self.slip.clone(),
             ..Envelope::default()
         }
@@ -342,8 +351,8 @@ impl Envelope {
     }
 
     /// Trims the next part in the documented order, for a broker that caps metadata: the last
-    /// error is cut to 256 bytes, then dropped, then the trace state, then the failure times
-    /// and class, then the redrive marks' source. Never the slip, the identity, the attempt
+    /// error is cut to 256 bytes, then dropped, then the trace state, then the previous span,
+    /// then the failure times and class, then the redrive marks' source. Never the slip, the identity, the attempt
     /// count, the due time or the dead-letter mark. Returns false when nothing is left to trim.
     pub fn shrink(&mut self) -> bool {
         if let Some(f) = &mut self.failure {
@@ -360,6 +369,9 @@ impl Envelope {
             if t.tracestate.take().is_some() {
                 return true;
             }
+        }
+        if self.previous_span.take().is_some() {
+            return true;
         }
         if self.failure.take().is_some() {
             return true;
@@ -410,6 +422,7 @@ pub(crate) mod tests {
                 traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
                 tracestate: Some("congo=t61rcWkgMzE".into()),
             }),
+            previous_span: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01".into()),
             slip: Some("{\"steps\":[]}".into()),
         }
     }
@@ -445,6 +458,7 @@ pub(crate) mod tests {
         assert_eq!(redriven.redriven(), 2);
         assert_eq!((redriven.retries, redriven.failure.is_none()), (0, true));
         assert_eq!(redriven.trace, e.trace);
+        assert_eq!(redriven.previous_span, e.previous_span);
         assert_eq!(redriven.slip, e.slip);
     }
 
@@ -456,8 +470,8 @@ pub(crate) mod tests {
         while e.shrink() {
             steps += 1;
         }
-        assert_eq!(steps, 5);
-        assert!(e.failure.is_none());
+        assert_eq!(steps, 6);
+        assert!(e.failure.is_none() && e.previous_span.is_none());
         assert_eq!(e.trace.as_ref().unwrap().tracestate, None);
         assert!(e.slip.is_some() && e.dead_letter.is_some() && e.id.is_some());
     }

@@ -10,6 +10,7 @@ use super::{
 use crate::{
     text::truncate,
     time::{parse_rfc3339, rfc3339},
+    tracecontext::{valid_tracestate, TraceParent},
 };
 
 impl Envelope {
@@ -50,6 +51,9 @@ impl Envelope {
             if let Some(s) = &t.tracestate {
                 out.push((field::TRACESTATE, s.clone()));
             }
+        }
+        if let Some(p) = &self.previous_span {
+            out.push((field::PREVIOUS_SPAN, p.clone()));
         }
         if let Some(s) = &self.slip {
             out.push((field::SLIP, s.clone()));
@@ -144,6 +148,7 @@ struct Raw<'a> {
     redriven_from: Option<&'a str>,
     traceparent: Option<&'a str>,
     tracestate: Option<&'a str>,
+    previous_span: Option<&'a str>,
     slip: Option<&'a str>,
 }
 
@@ -214,6 +219,7 @@ impl<'a> Raw<'a> {
             field::REDRIVEN_FROM => self.redriven_from = Some(value),
             field::TRACEPARENT => self.traceparent = Some(value),
             field::TRACESTATE => self.tracestate = Some(value),
+            field::PREVIOUS_SPAN => self.previous_span = Some(value),
             field::SLIP => self.slip = Some(value),
             other => return Err(Defect(format!("{} is not a Sluice field", shown(other)))),
         }
@@ -289,11 +295,22 @@ impl<'a> Raw<'a> {
                 )))
             }
         };
-        // W3C: a trace context that cannot be used is ignored, never fatal.
-        let trace = self.traceparent.map(|tp| TraceContext {
-            traceparent: tp.to_owned(),
-            tracestate: self.tracestate.map(str::to_owned),
-        });
+        // W3C: a trace context that cannot be parsed is ignored, never fatal: the message keeps
+        // its delivery and loses only its place in a trace (a trace state goes with its parent).
+        let trace = self
+            .traceparent
+            .filter(|tp| TraceParent::parse(tp).is_some())
+            .map(|tp| TraceContext {
+                traceparent: tp.to_owned(),
+                tracestate: self
+                    .tracestate
+                    .filter(|s| valid_tracestate(s))
+                    .map(str::to_owned),
+            });
+        let previous_span = self
+            .previous_span
+            .filter(|tp| TraceParent::parse(tp).is_some())
+            .map(str::to_owned);
         Ok(Envelope {
             id: self.id.map(str::to_owned),
             enqueued_at: self.enqueued_at,
@@ -303,6 +320,7 @@ impl<'a> Raw<'a> {
             dead_letter,
             redrive: redrive.filter(|r| r.count > 0),
             trace,
+            previous_span,
             slip: self.slip.map(str::to_owned),
         })
     }
@@ -353,6 +371,39 @@ mod tests {
             .to_string();
         assert!(err.contains("an object"), "{err}");
         // Numbers from older SQS copies are read as counts.
+        let e = Envelope::from_json(r#"{"sluice-retries":2}"#, now).unwrap();
+        assert_eq!(e.retries, 2);
+    }
+
+    #[test]
+    fn a_garbage_trace_context_is_ignored_not_a_defect() {
+        let now = SystemTime::now();
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for garbage in ["garbage", "00-xyz", &good.to_uppercase(), ""] {
+            let e = Envelope::from_fields(
+                [
+                    (field::RETRIES, "1"),
+                    (field::TRACEPARENT, garbage),
+                    (field::TRACESTATE, "congo=t61rcWkgMzE"),
+                    (field::PREVIOUS_SPAN, garbage),
+                ],
+                now,
+            )
+            .expect("a bad trace context never fails the envelope");
+            assert_eq!((e.retries, &e.trace, &e.previous_span), (1, &None, &None));
+        }
+        let e = Envelope::from_fields(
+            [(field::TRACEPARENT, good), (field::TRACESTATE, "bad\u{1}")],
+            now,
+        )
+        .unwrap();
+        let t = e.trace.unwrap();
+        assert_eq!((t.traceparent.as_str(), t.tracestate), (good, None));
+    }
+
+    #[test]
+    fn numbers_from_older_sqs_copies_are_read_as_counts() {
+        let now = SystemTime::now();
         let e = Envelope::from_json(r#"{"sluice-retries":2}"#, now).unwrap();
         assert_eq!(e.retries, 2);
     }

@@ -19,7 +19,10 @@
 //! - **Metrics**: one CloudWatch EMF document per invocation on stdout (see docs/lambda.md).
 
 use std::{
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -31,6 +34,7 @@ pub(crate) use record::to_message;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use lambda_runtime::{service_fn, LambdaEvent};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::{
     config::TransportKind,
@@ -55,7 +59,7 @@ pub fn in_lambda() -> bool {
 /// Serves Lambda invocations until the runtime stops the process.
 pub(crate) async fn serve(def: Definition) -> Result<(), Error> {
     let settings = def.load_settings(None, &[])?;
-    init_logging(&settings.telemetry);
+    init_logging(&settings.telemetry, &def.name);
     if settings.transport.kind != TransportKind::Sqs {
         return Err(Error::Config(
             "key `transport.kind`: Lambda mode needs \"sqs\" (the trigger's queue; its DLQ receives the dead letters)"
@@ -92,8 +96,48 @@ impl From<InvocationError> for lambda_runtime::Diagnostic {
     }
 }
 
-/// One invocation: an SQS event in, the records to retry out.
+/// Set by the first invocation of the process (`faas.coldstart` of the invocation span).
+static INVOKED: AtomicBool = AtomicBool::new(false);
+
+/// One invocation: an SQS event in, the records to retry out, inside the invocation span;
+/// its spans are exported before the response goes (Lambda may freeze the process then).
 pub(crate) async fn handle_event(
+    rt: &Arc<Runtime>,
+    event: LambdaEvent<serde_json::Value>,
+) -> Result<SqsBatchResponse, InvocationError> {
+    let span = invocation_span(rt, &event.context);
+    let result = handle_records(rt, event).instrument(span).await;
+    crate::telemetry::trace::flush().await;
+    result
+}
+
+/// The span of one invocation, with the FaaS conventions' attributes (a queue trigger is
+/// `pubsub`, its span of kind CONSUMER). The records' process spans are its children.
+fn invocation_span(rt: &Runtime, cx: &lambda_runtime::Context) -> tracing::Span {
+    let env = |k: &str| std::env::var(k).ok();
+    let name =
+        env("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|| rt.metrics.labels().function.clone());
+    // A root: lambda_runtime's own span around the handler is not its parent.
+    tracing::info_span!(
+        parent: None,
+        "invocation",
+        otel.name = %name,
+        otel.kind = "consumer",
+        faas.trigger = "pubsub",
+        faas.invocation_id = %cx.request_id,
+        faas.coldstart = !INVOKED.swap(true, Relaxed),
+        faas.name = %name,
+        faas.version = env("AWS_LAMBDA_FUNCTION_VERSION"),
+        cloud.provider = "aws",
+        cloud.platform = "aws_lambda",
+        cloud.region = env("AWS_REGION"),
+        cloud.resource_id = %cx.invoked_function_arn,
+        messaging.system = "aws_sqs",
+        messaging.destination.name = %rt.settings().queue,
+    )
+}
+
+async fn handle_records(
     rt: &Arc<Runtime>,
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<SqsBatchResponse, InvocationError> {
@@ -138,7 +182,8 @@ pub(crate) async fn handle_event(
             .map(|r| r.message_id.clone().unwrap_or_default())
             .collect();
         let (rt, slots) = (rt.clone(), slots.clone());
-        let task = tasks.spawn(async move {
+        let task = tasks.spawn(
+            async move {
             let _slot = slots.acquire_owned().await.expect("semaphore never closed");
             let mut ended: Vec<(String, RecordEnd)> = Vec::new();
             for record in records {
@@ -160,9 +205,10 @@ pub(crate) async fn handle_event(
                 // Its own task, so a panic anywhere in the pipeline fails this record only.
                 let rt2 = rt.clone();
                 let started = Instant::now();
-                let run = tokio::spawn(async move {
-                    rt2.process_record(delivery, budget, keeps_original).await
-                });
+                let run = tokio::spawn(
+                    async move { rt2.process_record(delivery, budget, keeps_original).await }
+                        .instrument(tracing::Span::current()),
+                );
                 let end = match run.await {
                     Ok(outcome) => RecordEnd::Ran(outcome, started.elapsed()),
                     Err(e) => {
@@ -173,7 +219,9 @@ pub(crate) async fn handle_event(
                 ended.push((id, end));
             }
             ended
-        });
+        }
+            .instrument(tracing::Span::current()),
+        );
         ids_of.insert(task.id(), ids);
     }
     let mut response = SqsBatchResponse::default();

@@ -41,6 +41,19 @@ pub fn render(m: &Metrics, breaker: BreakerState, out: &mut String) {
         family(out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{l}}} {}", value.load(Relaxed));
     }
+    // Spans the exporter could not send (a full queue, a failed export): 0 without export.
+    let name = "sluice_trace_spans_dropped_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Spans dropped by the trace exporter (queue full or export failed).",
+    );
+    let _ = writeln!(
+        out,
+        "{name}{{{l}}} {}",
+        super::export::SPANS_DROPPED.load(Relaxed)
+    );
     // Beyond the contract: which check dead-lettered what. The reasons are fixed texts of the
     // code (docs/operations.md "Reason labels"), a bounded set.
     let name = "sluice_dead_lettered_by_reason_total";

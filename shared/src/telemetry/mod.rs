@@ -1,11 +1,16 @@
 //! Logs (tracing, JSON by default), the panic hook, the counters of one worker
-//! ([`metrics`], with its [`histogram`]s and their Prometheus text, [`exposition`]) and what
-//! the probes report ([`health`]).
+//! ([`metrics`], with its [`histogram`]s and their Prometheus text, [`exposition`]), what
+//! the probes report ([`health`]), and the spans of the messaging conventions ([`trace`]),
+//! exported over OTLP with the feature `otlp` (`otlp`).
 
+mod export;
 pub mod exposition;
 pub mod health;
 pub mod histogram;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+mod otlp;
+pub mod trace;
 
 use std::{
     cell::Cell,
@@ -14,27 +19,33 @@ use std::{
     task::{Context, Poll},
 };
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
 pub use self::metrics::{inc, ErrorClass, Labels, Metrics, Outcome, RunSummary};
 use crate::config::{LogFormat, TelemetrySettings};
 
-/// Installs the global subscriber (logs to stderr; stdout is for command output) and the
-/// panic hook.
-pub fn init_logging(settings: &TelemetrySettings) {
+/// Installs the global subscriber (logs to stderr; stdout is for command output), the span
+/// exporter when built with `otlp` and an endpoint is set (spans named after `function`
+/// unless `telemetry.otlp.service_name` says otherwise), and the panic hook. Call it inside the
+/// tokio runtime: the exporter's requests run there.
+pub fn init_logging(settings: &TelemetrySettings, function: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(settings.log_level.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match settings.log_format {
-        LogFormat::Json => builder
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match settings.log_format {
+        LogFormat::Json => fmt
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+            .boxed(),
+        LogFormat::Pretty => fmt.boxed(),
     };
+    let registry = tracing_subscriber::registry().with(fmt);
+    #[cfg(feature = "otlp")]
+    let registry = registry.with(otlp::layer(&settings.otlp, function));
+    #[cfg(not(feature = "otlp"))]
+    let _ = function;
+    let _ = registry.with(filter).try_init();
     // A panic becomes a log event, not raw stderr text. A handler's panic is caught and
     // counted by the pipeline; any other panic is a bug of ours and says so.
     std::panic::set_hook(Box::new(|info| {

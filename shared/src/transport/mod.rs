@@ -204,7 +204,15 @@ impl Transport for AnyTransport {
     async fn provision(&self) -> Result<()> {
         delegate!(self, t => t.provision().await)
     }
-    async fn publish(&self, msgs: Vec<OutgoingMessage>) -> Result<Vec<String>> {
+    /// Publishes; a message without a trace context gets the current span's when spans are
+    /// exported (a handler's process span, `send`'s producer span): its creation context.
+    async fn publish(&self, mut msgs: Vec<OutgoingMessage>) -> Result<Vec<String>> {
+        if crate::telemetry::trace::exporting() {
+            let current = crate::telemetry::trace::context_of(&tracing::Span::current());
+            for m in msgs.iter_mut().filter(|m| m.envelope.trace.is_none()) {
+                m.envelope.trace = current.clone();
+            }
+        }
         delegate!(self, t => t.publish(msgs).await)
     }
     async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {

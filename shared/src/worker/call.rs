@@ -230,6 +230,12 @@ impl Handle<'_> {
                 if fault.panic_rate > 0.0 && rand::random::<f64>() < fault.panic_rate {
                     panic!("injected panic (fault.panic_rate)");
                 }
+                if d.attempt <= fault.fail_first {
+                    return Err(HandlerError::transient(format!(
+                        "injected failure of delivery {} (fault.fail_first = {})",
+                        d.attempt, fault.fail_first
+                    )));
+                }
                 if fault.failure_rate > 0.0 && rand::random::<f64>() < fault.failure_rate {
                     return Err(HandlerError::transient(
                         "injected failure (fault.failure_rate)",

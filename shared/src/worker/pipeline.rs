@@ -20,7 +20,7 @@ use crate::{
     message::{header, Delivery},
     store::{check_key, fingerprint, Claim, Token},
     sync::Mutex,
-    telemetry::{ErrorClass, Outcome},
+    telemetry::{trace, ErrorClass, Outcome},
     transport::Transport,
 };
 
@@ -68,18 +68,18 @@ pub(super) struct Prepared {
 pub(super) type HeldClaim = Mutex<Option<(String, String, Token)>>;
 
 impl Runtime {
-    /// The span of one delivery, created with every field it has: recording a field later
-    /// re-formats all of the span's fields in JSON logs (about 2 us a record in
-    /// `just bench rabbitmq`). The outcome is therefore a field of the settling log line,
-    /// not of the span. `key` is `None` when the message was rejected before it had one.
+    /// The `process <queue>` span of one delivery (`telemetry::trace`), created with every
+    /// field it has: recording a field later re-formats all of the span's fields in JSON logs
+    /// (about 2 us a record in `just bench rabbitmq`). The outcome is therefore a field of the
+    /// settling log line, and of the span only while spans are exported. `key` is `None` when
+    /// the message was rejected before it had one.
     fn span(&self, d: &Delivery, key: Option<&str>) -> tracing::Span {
-        tracing::info_span!(
-            "message",
-            function = %self.function,
-            queue = %self.settings.queue,
-            message_id = %d.id,
-            attempt = d.attempt,
-            idempotency_key = key,
+        trace::process_span(
+            trace::messaging_system(self.settings.transport.kind),
+            &self.function,
+            &self.settings.queue,
+            d,
+            key,
         )
     }
 
@@ -154,10 +154,16 @@ impl Runtime {
 
     /// The pipeline for one delivery, in its own span.
     /// `probe`: the intake loop reserved the breaker's half-open probe for this message.
-    pub(crate) async fn process(&self, d: Delivery, hard_stop: &CancellationToken, probe: bool) {
+    pub(crate) async fn process(
+        &self,
+        mut d: Delivery,
+        hard_stop: &CancellationToken,
+        probe: bool,
+    ) {
         let started = Instant::now();
         let prepared = self.prepare(&d);
         let span = self.span(&d, prepared.as_ref().ok().map(|p| p.key.as_str()));
+        trace::connect(&span, &mut d, trace::Parent::Creation);
         async {
             self.metrics.on_receive(d.waited(SystemTime::now()));
             self.metrics.in_flight.fetch_add(1, Relaxed);
@@ -211,13 +217,16 @@ impl Runtime {
     #[cfg(feature = "lambda")]
     pub(crate) async fn process_record(
         &self,
-        d: Delivery,
+        mut d: Delivery,
         budget: Budget,
         retry_keeps_original: bool,
     ) -> RecordOutcome {
         let started = Instant::now();
         let prepared = self.prepare(&d);
         let span = self.span(&d, prepared.as_ref().ok().map(|p| p.key.as_str()));
+        // One invocation, records of many traces: each record's span is the invocation's
+        // child and links to its own creation context.
+        trace::connect(&span, &mut d, trace::Parent::Current);
         async {
             self.metrics.on_receive(d.waited(SystemTime::now()));
             let held: HeldClaim = Mutex::new(None);
@@ -239,6 +248,7 @@ impl Runtime {
                         Outcome::Succeeded
                     };
                     self.metrics.settled(outcome, ErrorClass::None);
+                    trace::record_outcome(&tracing::Span::current(), outcome.as_str(), None);
                     tracing::debug!(outcome = outcome.as_str(), "settled");
                     if *duplicate {
                         RecordOutcome::Duplicate
@@ -247,6 +257,7 @@ impl Runtime {
                     }
                 }
                 Verdict::Release | Verdict::Abandon => {
+                    trace::record_outcome(&tracing::Span::current(), "returned", None);
                     tracing::info!(outcome = "returned", "left to the visibility timeout");
                     RecordOutcome::Returned
                 }
@@ -592,6 +603,7 @@ impl Runtime {
                 };
                 if r.is_ok() {
                     self.metrics.settled(outcome, ErrorClass::None);
+                    trace::record_outcome(&tracing::Span::current(), outcome.as_str(), None);
                 }
                 (outcome.as_str(), r)
             }
@@ -608,6 +620,11 @@ impl Runtime {
                         ErrorClass::Transient
                     };
                     self.metrics.settled(Outcome::Retried, class);
+                    trace::record_outcome(
+                        &tracing::Span::current(),
+                        "retried",
+                        Some((class.as_str(), class.as_str())),
+                    );
                     tracing::info!(outcome = "retried", delay = ?delay, reason = %failure.reason, "retry scheduled");
                 }
                 ("retried", r)
@@ -616,6 +633,11 @@ impl Runtime {
                 let r = self.transport.dead_letter(d, failure).await;
                 if r.is_ok() {
                     self.metrics.dead_lettered(failure.class, label);
+                    trace::record_outcome(
+                        &tracing::Span::current(),
+                        "dead_lettered",
+                        Some((failure.class.as_str(), &error_type(label))),
+                    );
                     tracing::warn!(outcome = "dead_lettered", class = failure.class.as_str(), reason = %failure.reason, "dead-lettered");
                 }
                 ("dead_lettered", r)
@@ -624,6 +646,7 @@ impl Runtime {
                 let r = self.transport.release(d).await;
                 if r.is_ok() {
                     self.metrics.settled(Outcome::Released, ErrorClass::None);
+                    trace::record_outcome(&tracing::Span::current(), "released", None);
                 }
                 ("released", r)
             }
@@ -647,6 +670,13 @@ impl Runtime {
             }
         }
     }
+}
+
+/// `error.type` of a dead-lettered delivery: its reason label (the `reason` label of
+/// `sluice_dead_letters_total`, a fixed set) as one snake_case word: `retries_exhausted`,
+/// `rejected_by_the_handler`, `malformed_envelope`, ...
+fn error_type(label: &str) -> String {
+    label.replace([' ', '-'], "_")
 }
 
 /// How one record of a Lambda invocation ended (its part of the invocation's EMF document).

@@ -33,6 +33,7 @@ mod pipeline;
 mod prometheus_scrape;
 mod sqlite_store;
 mod tls;
+mod traces;
 mod workflows;
 
 #[cfg(feature = "lambda")]

@@ -320,7 +320,7 @@ impl Sandbox {
 fn init_logs(settings: &Settings) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        sluice::telemetry::init_logging(&settings.telemetry);
+        sluice::telemetry::init_logging(&settings.telemetry, "pipeline-test");
         // init_logging routes panics to a log event; test assertion failures should keep the
         // default report.
         drop(std::panic::take_hook());

@@ -133,6 +133,7 @@ pub(super) fn delivery(r: &Row<'_>) -> rusqlite::Result<Delivery> {
             seq: r.get(0)?,
             token: r.get(7)?,
         }),
+        routing_key: None,
     })
 }
 

@@ -263,6 +263,7 @@ impl Inner {
             envelope,
             defect,
             receipt: Receipt(ReceiptKind::Rabbitmq(key)),
+            routing_key: Some(raw.routing_key.to_string()),
         })
     }
 

@@ -260,6 +260,7 @@ impl Shared {
                 group: r.group,
                 trace: r.trace,
             }))),
+            routing_key: None,
         }
     }
 }

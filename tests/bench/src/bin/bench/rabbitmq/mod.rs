@@ -15,6 +15,9 @@
 //!   `prefetch / 2` (DESIGN: prefetch = concurrency x 2), logs as a container writes them
 //!   (JSON, `info`).
 //! - **Sluice no-op + SQLite**: the same with the SQLite idempotency store (a fresh file a run).
+//! - **Sluice no-op, traced**: the no-op with its spans exported over OTLP/HTTP (feature
+//!   `otlp`) to a receiver in this process ([`sink`]): the cost of trace export, next to the
+//!   no-op without it in the same run. Throughput only (its latency run would not export).
 //!
 //! Throughput: `--messages` are published (with confirms) before each run, then drained by the
 //! consumer in a child process of its own (this binary's hidden `rabbitmq-drain`); the clock
@@ -35,6 +38,7 @@ mod procfs;
 mod proxy;
 mod raw;
 mod report;
+mod sink;
 
 use std::{
     collections::BTreeMap,
@@ -128,6 +132,9 @@ pub struct DrainArgs {
     store: String,
     #[arg(long)]
     log_level: String,
+    /// The traced consumer's OTLP endpoint.
+    #[arg(long, default_value = "")]
+    otlp_endpoint: String,
 }
 
 /// What a drain child reports.
@@ -144,12 +151,14 @@ pub async fn drain_child(a: DrainArgs) -> anyhow::Result<()> {
         .into_iter()
         .find(|k| k.short() == a.kind)
         .context("--kind")?;
-    if matches!(kind, Kind::Noop | Kind::Sqlite) {
-        init_logging(&TelemetrySettings {
+    if matches!(kind, Kind::Noop | Kind::Sqlite | Kind::Traced) {
+        let mut telemetry = TelemetrySettings {
             log_format: LogFormat::Json,
             log_level: a.log_level.clone(),
             ..Default::default()
-        });
+        };
+        telemetry.otlp.endpoint = a.otlp_endpoint.clone();
+        init_logging(&telemetry, "bench");
     }
     let cpu = cpu_seconds("self");
     let stop = CancellationToken::new();
@@ -157,10 +166,12 @@ pub async fn drain_child(a: DrainArgs) -> anyhow::Result<()> {
     let (elapsed, peak_rss_mb) = match kind {
         Kind::Raw => raw_consume(&a.url, &a.queue, a.prefetch, a.ack_batch, n, stop).await?,
         Kind::Transport => transport_consume(&a.url, &a.queue, a.prefetch, n, stop).await?,
-        Kind::Noop | Kind::Sqlite => {
+        Kind::Noop | Kind::Sqlite | Kind::Traced => {
             sluice_drain(&a.url, &a.queue, &a.store, a.concurrency, a.messages).await?
         }
     };
+    // The spans still queued leave before the child reports (outside the timed drain).
+    tokio::task::spawn_blocking(sluice::telemetry::trace::shutdown).await?;
     let out = Drained {
         elapsed_s: elapsed.as_secs_f64(),
         peak_rss_mb,
@@ -178,6 +189,7 @@ async fn drain_in_child(
     queue: &str,
     store: &str,
     concurrency: usize,
+    otlp_endpoint: &str,
 ) -> anyhow::Result<(Drained, f64)> {
     let broker = CpuClock::start();
     let out = tokio::process::Command::new(std::env::current_exe()?)
@@ -195,6 +207,7 @@ async fn drain_in_child(
         .args(["--ack-batch", &a.ack_batch.to_string()])
         .args(["--concurrency", &concurrency.to_string()])
         .args(["--store", store, "--log-level", &a.log_level])
+        .args(["--otlp-endpoint", otlp_endpoint])
         .stdin(std::process::Stdio::null())
         .output()
         .await?;
@@ -217,10 +230,17 @@ enum Kind {
     Transport,
     Noop,
     Sqlite,
+    Traced,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Raw, Kind::Transport, Kind::Noop, Kind::Sqlite];
+    const ALL: [Kind; 5] = [
+        Kind::Raw,
+        Kind::Transport,
+        Kind::Noop,
+        Kind::Sqlite,
+        Kind::Traced,
+    ];
 
     fn key(self) -> &'static str {
         match self {
@@ -228,6 +248,7 @@ impl Kind {
             Kind::Transport => "sluice_transport_only",
             Kind::Noop => "sluice_noop",
             Kind::Sqlite => "sluice_sqlite",
+            Kind::Traced => "sluice_noop_traced",
         }
     }
 
@@ -237,6 +258,7 @@ impl Kind {
             Kind::Transport => "transport",
             Kind::Noop => "noop",
             Kind::Sqlite => "sqlite",
+            Kind::Traced => "traced",
         }
     }
 
@@ -253,6 +275,7 @@ impl Kind {
             Kind::Transport => "Sluice transport alone: receive + ack, no pipeline".into(),
             Kind::Noop => "Sluice no-op, store none".into(),
             Kind::Sqlite => "Sluice no-op, SQLite store".into(),
+            Kind::Traced => "Sluice no-op, store none, spans exported (OTLP/HTTP)".into(),
         }
     }
 }
@@ -262,11 +285,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         bail!("--ack-batch must be from 1 to prefetch - 1: a batch that fills the prefetch stalls delivery");
     }
     let concurrency = a.concurrency.unwrap_or(usize::from(a.prefetch / 2).max(1));
-    init_logging(&TelemetrySettings {
-        log_format: LogFormat::Json,
-        log_level: a.log_level.clone(),
-        ..Default::default()
-    });
+    init_logging(
+        &TelemetrySettings {
+            log_format: LogFormat::Json,
+            log_level: a.log_level.clone(),
+            ..Default::default()
+        },
+        "bench",
+    );
     let url = sluice_tests::rabbit::url();
     let queue = sluice::conformance::unique("bench-rabbitmq");
     // The bench declares the topology once (with `x-expires`, so that an interrupted run
@@ -303,8 +329,9 @@ async fn measure(
     let mut figures: BTreeMap<Kind, Figures> = BTreeMap::new();
     let kinds = Kind::chosen(a);
     if kinds.is_empty() {
-        bail!("--only: none of raw, noop, sqlite");
+        bail!("--only: none of raw, transport, noop, sqlite, traced");
     }
+    let sink = sink::Sink::start().await?;
     for round in 1..=a.rounds {
         for &kind in &kinds {
             eprint!(
@@ -320,8 +347,13 @@ async fn measure(
                 kind.label(a)
             );
             let store = store_of(kind, dir.path(), round);
+            let endpoint = if kind == Kind::Traced {
+                sink.url.as_str()
+            } else {
+                ""
+            };
             let (drained, broker_s) =
-                drain_in_child(a, kind, url, queue, &store, concurrency).await?;
+                drain_in_child(a, kind, url, queue, &store, concurrency, endpoint).await?;
             let per_msg = |s: f64| s * 1e6 / a.messages as f64;
             let (client_us, broker_us) = (per_msg(drained.cpu_s), per_msg(broker_s));
             let rss = drained.peak_rss_mb;
@@ -335,7 +367,17 @@ async fn measure(
             f.peak_rss_mb = f.peak_rss_mb.max(rss);
         }
     }
-    for &kind in kinds.iter().filter(|_| !a.no_latency) {
+    if kinds.contains(&Kind::Traced) {
+        let (n, b) = (sink.requests.load(Relaxed), sink.bytes.load(Relaxed));
+        eprintln!("traced: the receiver took {n} export request(s), {b} bytes of spans");
+        if n == 0 {
+            bail!("the traced consumer exported nothing: its figures would not be a traced run");
+        }
+    }
+    for &kind in kinds
+        .iter()
+        .filter(|k| !a.no_latency && **k != Kind::Traced)
+    {
         eprint!(
             "latency: {}: {} msg/s for {} s... ",
             kind.label(a),
@@ -362,7 +404,10 @@ async fn measure(
     }
     let noop = figures.get(&Kind::Noop).cloned().unwrap_or_default();
     let sqlite = figures.get(&Kind::Sqlite).cloned().unwrap_or_default();
+    let traced = figures.get(&Kind::Traced).cloned().unwrap_or_default();
     Ok(Report {
+        sluice_traced_msgs_per_s: traced.msgs_per_s,
+        traced_ratio: traced.vs_raw,
         raw_msgs_per_s: raw,
         sluice_msgs_per_s: noop.msgs_per_s,
         sluice_sqlite_msgs_per_s: sqlite.msgs_per_s,
@@ -455,7 +500,7 @@ async fn latency_run(
             match kind {
                 Kind::Raw => raw_consume(&via, &queue, prefetch, ack_batch, None, stop).await,
                 Kind::Transport => transport_consume(&via, &queue, prefetch, None, stop).await,
-                Kind::Noop | Kind::Sqlite => {
+                Kind::Noop | Kind::Sqlite | Kind::Traced => {
                     let stopped = stop.clone();
                     sluice_consume(
                         &via,

@@ -33,6 +33,9 @@ pub(super) struct Report {
     pub(super) sluice_sqlite_msgs_per_s: f64,
     pub(super) ratio: f64,
     pub(super) sqlite_ratio: f64,
+    /// The no-op with trace export on (`ratio` is the same run's no-op without it).
+    pub(super) sluice_traced_msgs_per_s: f64,
+    pub(super) traced_ratio: f64,
     pub(super) p50_ms: f64,
     pub(super) p95_ms: f64,
     pub(super) p99_ms: f64,
