@@ -30,9 +30,11 @@ enum Ledger {
     /// The local gateway's SQLite ledger (idempotency key honoured by the gateway).
     Gateway(LocalGateway),
     /// A table in the PostgreSQL idempotency store's database, written exactly once.
+    #[cfg(feature = "postgres")]
     Postgres(GatewayConfig),
 }
 
+#[cfg(feature = "postgres")]
 const PG_LEDGER: &str = "CREATE TABLE IF NOT EXISTS charge_ledger (
     charge_id    TEXT PRIMARY KEY,
     payment_id   TEXT NOT NULL,
@@ -77,6 +79,7 @@ async fn charge(req: ChargeRequest, ctx: &Context<Ledger>) -> Result<ChargeRecei
                 .map_err(gateway_error)?
                 .charge_id
         }
+        #[cfg(feature = "postgres")]
         Ledger::Postgres(cfg) => {
             gateway::precheck(cfg, req.amount_cents)
                 .await
@@ -135,6 +138,16 @@ async fn connect(settings: Settings) -> anyhow::Result<Ledger> {
     if cfg.ledger != "postgres" {
         return Ok(Ledger::Gateway(LocalGateway::open(cfg)?));
     }
+    #[cfg(not(feature = "postgres"))]
+    anyhow::bail!(sluice::Error::Config(
+        "key `app.ledger`: \"postgres\" is not built into this binary (the cargo feature `postgres` of charge-payment; the Lambda build leaves it out)".into()
+    ));
+    #[cfg(feature = "postgres")]
+    postgres_ledger(settings, cfg).await
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_ledger(settings: Settings, cfg: GatewayConfig) -> anyhow::Result<Ledger> {
     if settings.store.kind != sluice::config::StoreKind::Postgres {
         anyhow::bail!(sluice::Error::Config(
             "key `app.ledger`: \"postgres\" needs store.kind = \"postgres\" (the ledger shares its transaction)".into()
