@@ -208,12 +208,21 @@ async fn definitions_file_describes_exactly_what_provision_declares() {
             );
         }
     }
-    // The file holds nothing else.
+    // The file holds nothing else: the two functions' queues and the steps of
+    // workflows/order.toml (order-steps, one queue per step), each with the same 18 objects.
+    let order = std::fs::read_to_string(sluice_tests::repo_root().join("workflows/order.toml"))
+        .expect("workflows/order.toml");
+    let steps = order.lines().filter(|l| l.starts_with("queue = ")).count();
+    assert_eq!(steps, 4, "the order workflow's steps");
     let listed: usize = ["queues", "exchanges", "bindings", "policies"]
         .iter()
         .map(|k| file[*k].as_array().unwrap().len())
         .sum();
-    assert_eq!(listed, FUNCTIONS.len() * (14 + 1 + 1 + 2), "{file:#}");
+    assert_eq!(
+        listed,
+        (FUNCTIONS.len() + steps) * (14 + 1 + 1 + 2),
+        "{file:#}"
+    );
 }
 
 /// The file imported into an empty virtual host (its "/" replaced by the test's) is enough for
