@@ -22,7 +22,11 @@ use sluice::{
     transport::{embedded::EmbeddedTransport, TransportOptions},
     OutgoingMessage, Transport,
 };
-use sluice_tests::{charge_body, function_binary, ledger_counts, Sandbox};
+use sluice_tests::{
+    charge_body, function_binary, ledger_counts,
+    report::{fmt_n, print_table, round1},
+    Sandbox,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Sluice demo: charge-payment on the embedded queue")]
@@ -373,41 +377,4 @@ fn first_dead_letter_id(sandbox: &Sandbox, bin: &Path) -> anyhow::Result<String>
         .and_then(|i| i["id"].as_str())
         .map(str::to_owned)
         .context("the dead-letter queue is empty")
-}
-
-fn print_table(title: &str, rows: &[(String, String)]) {
-    let w1 = rows
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(title.len());
-    let w2 = rows
-        .iter()
-        .map(|(_, v)| v.chars().count())
-        .max()
-        .unwrap_or(0);
-    println!("  ┌─{}─┬─{}─┐", "─".repeat(w1), "─".repeat(w2));
-    println!("  │ {title:<w1$} │ {:>w2$} │", "");
-    println!("  ├─{}─┼─{}─┤", "─".repeat(w1), "─".repeat(w2));
-    for (k, v) in rows {
-        println!("  │ {k:<w1$} │ {v:>w2$} │");
-    }
-    println!("  └─{}─┴─{}─┘", "─".repeat(w1), "─".repeat(w2));
-}
-
-fn fmt_n(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
 }
